@@ -1,0 +1,103 @@
+"""Shared test tools: models built once per machine, Hugging Face references, bounded process runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import psutil
+
+from tpserve.proxy.launcher import mpi_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@cache
+def built_model(arch: str, size: str = "tiny", tokenizer: bool = True) -> Path:
+    """A random-weight model of a real architecture, built once into the cache (deterministic seed)."""
+    from tpserve.model.default_model import cache_dir, default_model_path
+    from tpserve.model.random_model import make_model
+
+    path = cache_dir() / "test-models" / f"{arch}-{size}-{'tok' if tokenizer else 'notok'}-v1"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        make_model(tmp, arch, size=size, seed=1234, tokenizer_dir=default_model_path() if tokenizer else None)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process won the race
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+@cache
+def _hf_model(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from Hugging Face transformers on the same weights (float32, CPU): the reference.
+    Generation stops at the model's EOS like ours does; the EOS token itself is included."""
+    import torch
+
+    model = _hf_model(str(model_dir))
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs ``cmd`` in its own session; on timeout kills the whole process group, so no rank is orphaned."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def run_mpi_pytest(n: int, target: str, timeout: float = 300) -> None:
+    """Runs a tests/mpi module on ``n`` ranks under pytest-mpi; one rank's failure aborts them all."""
+    cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest",
+           "--with-mpi", "-p", "no:cacheprovider", "-q", target]
+    result = run_group(cmd, timeout, env=mpi_environment(n))
+    assert result.returncode == 0, f"MPI suite failed on {n} ranks (exit {result.returncode}):\n{result.stdout[-6000:]}"
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Every live tpserve worker or mpirun on this machine that this test process started."""
+    me = psutil.Process()
+    found = []
+    for p in me.children(recursive=True):
+        try:
+            if "tpserve.worker" in " ".join(p.cmdline()) or p.name() in ("mpirun", "prterun", "prted"):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def tpserve_processes_anywhere(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line carries ``marker`` (for orphans reparented away from us)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and marker in " ".join(p.info["cmdline"]) and p.pid != os.getpid():
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found

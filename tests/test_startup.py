@@ -1,0 +1,40 @@
+"""A worker that cannot start makes LLM(...) raise its error quickly and leaves no process behind."""
+
+import time
+
+import pytest
+from helpers import built_model, worker_processes
+
+from tpserve import LLM, WorkerStartupError
+
+
+def assert_no_workers_left():
+    deadline = time.monotonic() + 10
+    while worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not worker_processes(), [p.cmdline() for p in worker_processes()]
+
+
+def test_missing_model_directory(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(WorkerStartupError, match="config.json|does not exist|not found") as err:
+        LLM(model=str(tmp_path / "no-such-model"), tensor_parallel_size=2)
+    assert time.monotonic() - start < 60
+    assert "rank" in str(err.value)
+    assert_no_workers_left()
+
+
+def test_tp_that_does_not_divide_heads():
+    model = built_model("llama")  # 4 heads, 2 KV heads
+    start = time.monotonic()
+    with pytest.raises(WorkerStartupError, match="tensor_parallel_size=3 does not divide"):
+        LLM(model=str(model), tensor_parallel_size=3)
+    assert time.monotonic() - start < 60
+    assert_no_workers_left()
+
+
+def test_bad_engine_options_raise_before_launch():
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        LLM(max_batch_size=0)

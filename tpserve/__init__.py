@@ -1,0 +1,16 @@
+"""tpserve: a ZeroMQ proxy in front of tensor-parallel MPI workers running an overlap loop."""
+
+from tpserve.errors import EngineDeadError, WorkerStartupError
+from tpserve.proxy.llm import LLM
+from tpserve.proxy.outputs import RequestMetrics, RequestOutput, StreamChunk
+from tpserve.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "EngineDeadError",
+    "RequestMetrics",
+    "RequestOutput",
+    "SamplingParams",
+    "StreamChunk",
+    "WorkerStartupError",
+]

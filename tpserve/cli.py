@@ -1,0 +1,121 @@
+"""``tpserve`` commands: generate, make-model, convert-default, trace."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (MPI ranks)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--stream-interval", type=int, default=1)
+    p.add_argument("--no-overlap", dest="enable_overlap", action="store_false")
+    p.add_argument("--no-early-first-token", dest="early_first_token", action="store_false")
+    p.add_argument("--connect", default=None, help="attach to workers through this connection file")
+
+
+def _make_llm(args: argparse.Namespace):
+    from tpserve import LLM
+
+    return LLM(
+        model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, stream_interval=args.stream_interval,
+        enable_overlap=args.enable_overlap, early_first_token=args.early_first_token, connect=args.connect,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tpserve import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    with _make_llm(args) as llm:
+        prompt = args.prompt
+        if args.chat:
+            if llm.tokenizer is None:
+                print("error: this model has no tokenizer for --chat", file=sys.stderr)
+                return 2
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        start = time.perf_counter()
+        stream = llm.generate_stream(prompt, params)
+        for chunk in stream:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        out = stream.output
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        ttft = out.metrics.ttft
+        print(
+            f"[{len(out.token_ids)} tokens in {elapsed:.2f} s, {len(out.token_ids) / elapsed:.1f} tok/s, "
+            f"TTFT {ttft * 1000 if ttft is not None else float('nan'):.1f} ms, finish_reason={out.finish_reason}, "
+            f"device={llm.info.get('device')}, tp={llm.info.get('tensor_parallel_size')}]",
+            file=sys.stderr,
+        )
+        if out.error:
+            print(f"error: {out.error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from tpserve.model.default_model import default_model_path
+    from tpserve.model.random_model import make_model
+
+    tok = None if args.no_tokenizer else default_model_path()
+    path = make_model(args.dir, args.arch, size=args.size, seed=args.seed, tokenizer_dir=tok)
+    print(path)
+    return 0
+
+
+def cmd_convert_default(args: argparse.Namespace) -> int:
+    from tpserve.model.default_model import default_model_path
+
+    print(default_model_path())
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tpserve.trace_view import main as trace_main
+
+    return trace_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tpserve")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion to the terminal")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _engine_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("make-model", help="build a small random-weight model of a real architecture")
+    m.add_argument("dir")
+    m.add_argument("--arch", choices=["llama", "qwen2", "qwen3"], default="llama")
+    m.add_argument("--size", default="tiny")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-tokenizer", action="store_true", help="do not copy the default model's tokenizer")
+    m.set_defaults(fn=cmd_make_model)
+
+    c = sub.add_parser("convert-default", help="convert the default model once and print its directory")
+    c.set_defaults(fn=cmd_convert_default)
+
+    t = sub.add_parser("trace", help="merge shutdown traces into one timeline", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_trace)
+
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

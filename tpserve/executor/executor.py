@@ -1,0 +1,279 @@
+"""The executor loop, run identically on every rank: plain or overlapped, with early first-token emission.
+
+Plain iteration k: fetch items; schedule k; forward k; sample k; update; publish.
+Overlap iteration k (the device keeps batch k-1's sampled tokens, so launching k needs no sync):
+  1 fetch + broadcast new items; schedule k
+  2 launch forward k (inputs from k-1's tokens still on the device)
+  3 update the requests of k-1 (wait for k-1's sampling event while the device runs forward k)
+  4 early emission: publish the responses of every request whose first token came from k-1
+  5 launch sampling k (device -> pinned host copy + event)
+  6 process k-1: the other responses, free what finished
+Symmetry rule: every publish point publishes on every rank, an empty list where there is nothing, so
+every rank makes the same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tpserve import wire
+from tpserve.executor.model_runner import ModelRunner
+from tpserve.executor.request import Request, RequestDelta
+from tpserve.executor.request_queue import RequestQueue
+from tpserve.executor.sampler import Sampler
+from tpserve.executor.scheduler import ScheduledBatch, Scheduler
+from tpserve.sampling_params import SamplingParams
+
+Publisher = Callable[[list[RequestDelta]], None]
+
+
+@dataclass
+class ExecutorConfig:
+    vocab_size: int
+    max_seq_len: int
+    eos_token_ids: tuple[int, ...]
+    stream_interval: int = 1
+    enable_overlap: bool = True
+    early_first_token: bool = True
+
+
+@dataclass
+class InFlight:
+    """A step whose sampling was launched: its tokens reach the host when ``event`` completes."""
+
+    batch: ScheduledBatch
+    requests: list[Request]  # the sampled ones, in row order of ``tokens``
+    tokens: torch.Tensor  # int64 [len(requests)] on the device
+    host_tokens: torch.Tensor  # pinned host copy, valid after ``event``
+    event: torch.cuda.Event | None
+    rows: dict[int, int] = field(default_factory=dict)  # request_id -> row in ``tokens``
+
+
+class Executor:
+    def __init__(
+        self,
+        config: ExecutorConfig,
+        queue: RequestQueue,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        sampler: Sampler,
+        publish: Publisher,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.scheduler = scheduler
+        self.runner = runner
+        self.sampler = sampler
+        self.publish = publish
+        self.device = device
+        self.requests: dict[int, Request] = {}
+        self.deltas: list[RequestDelta] = []  # published at the end of the iteration
+        self.shutting_down = False
+        self.iteration = 0
+        self.prev: InFlight | None = None
+
+    @property
+    def overlap(self) -> bool:
+        return self.config.enable_overlap
+
+    @property
+    def done(self) -> bool:
+        return self.shutting_down and not self.requests and self.prev is None
+
+    def run(self) -> None:
+        while not self.done:
+            self.step()
+
+    def step(self) -> None:
+        idle = not self.requests and self.prev is None
+        self._handle_items(self.queue.fetch(idle=idle))
+        batch = self.scheduler.schedule()
+        for seq in batch.seqs:
+            seq.request.stamp("first_scheduled")
+        if self.overlap:
+            self._step_overlap(batch)
+        else:
+            self._step_plain(batch)
+        self.iteration += 1
+
+    def _step_plain(self, batch: ScheduledBatch) -> None:
+        if batch:
+            current = self._launch_sampling(batch, self.runner.forward(batch))
+            self._update(current)
+            self._process(current)
+        self._flush()
+
+    def _step_overlap(self, batch: ScheduledBatch) -> None:
+        prev = self.prev
+        logits = None
+        if batch:
+            logits = self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
+        if prev is not None:
+            self._update(prev)
+        if self.config.early_first_token:
+            self._publish(self._first_token_deltas(prev) if prev else [])
+        self.prev = self._launch_sampling(batch, logits) if logits is not None else None
+        if prev is not None:
+            self._process(prev)
+        self._flush()
+
+    # -- items -----------------------------------------------------------------------------------------
+
+    def _handle_items(self, items: list[wire.Message]) -> None:
+        for item in items:
+            if isinstance(item, wire.Submit):
+                self._add(item)
+            elif isinstance(item, wire.Abort):
+                req = self.requests.get(item.request_id)
+                if req is not None:
+                    self._finish(req, "abort")
+                    self._emit_final(req)
+            elif isinstance(item, wire.Shutdown):
+                self.shutting_down = True
+                if not item.drain:
+                    for req in list(self.requests.values()):
+                        self._finish(req, "abort")
+                        self._emit_final(req)
+
+    def _add(self, item: wire.Submit) -> None:
+        rid = item.request_id
+        if rid in self.requests:
+            self.deltas.append(RequestDelta(rid, [], True, "error", f"duplicate request id {rid}"))
+            return
+        if self.shutting_down:
+            self.deltas.append(RequestDelta(rid, [], True, "abort", "engine is shutting down"))
+            return
+        try:
+            params = SamplingParams.from_dict(item.params)
+            self._validate(item.prompt_token_ids, params)
+        except (ValueError, TypeError) as e:
+            self.deltas.append(RequestDelta(rid, [], True, "error", str(e)))
+            return
+        req = Request(rid, list(item.prompt_token_ids), params, item.stream)
+        req.metrics["arrival_proxy"] = item.arrival_time
+        req.stamp("arrival_rank0")
+        req.generator = self.sampler.generator_for(req)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty")
+        vocab = self.config.vocab_size
+        for i, t in enumerate(prompt):
+            if not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} at position {i} is outside the vocabulary [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt length {len(prompt)} + max_tokens {params.max_tokens} exceeds "
+                f"max_seq_len {self.config.max_seq_len}"
+            )
+
+    # -- steps -----------------------------------------------------------------------------------------
+
+    def _launch_sampling(self, batch: ScheduledBatch, logits: torch.Tensor) -> InFlight:
+        rows = [i for i, s in enumerate(batch.seqs) if s.samples]
+        requests = [batch.seqs[i].request for i in rows]
+        tokens = self.sampler.sample(logits[rows], requests)
+        pin = self.device.type == "cuda"
+        host = torch.empty(len(rows), dtype=torch.long, pin_memory=pin)
+        host.copy_(tokens, non_blocking=pin)
+        event = None
+        if pin:
+            event = torch.cuda.Event()
+            event.record()
+        for req in requests:
+            req.num_pending += 1
+        return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)})
+
+    def _update(self, step: InFlight) -> None:
+        """Moves the step's sampled tokens into their requests and applies the stop checks."""
+        if step.event is not None:
+            step.event.synchronize()
+        for req, token in zip(step.requests, step.host_tokens.tolist(), strict=True):
+            req.num_pending -= 1
+            if req.finished:  # stopped (or aborted) before this step's token was known: drop it
+                continue
+            req.output_token_ids.append(token)
+            if len(req.output_token_ids) == 1:
+                req.stamp("first_token_host")
+            self._check_stop(req, token)
+
+    def _check_stop(self, req: Request, token: int) -> None:
+        p = req.params
+        if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
+            self._finish(req, "stop")
+        elif len(req.output_token_ids) >= p.max_tokens:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if not req.finished:
+            req.finished = True
+            req.finish_reason = reason
+
+    def _first_token_deltas(self, step: InFlight) -> list[RequestDelta]:
+        out = []
+        for req in step.requests:
+            if req.num_published == 0 and len(req.output_token_ids) == 1:
+                delta = self._delta(req)
+                if delta is not None:
+                    out.append(delta)
+        return out
+
+    def _process(self, step: InFlight) -> None:
+        """The responses of the step that early emission did not send, and freeing what finished."""
+        for req in step.requests:
+            if req.request_id not in self.requests:
+                continue  # already ended (abort) and published
+            delta = self._delta(req)
+            if delta is not None:
+                self.deltas.append(delta)
+            if req.finished:
+                self._release(req)
+
+    def _delta(self, req: Request) -> RequestDelta | None:
+        """The publish rule: the first token, every ``stream_interval`` new tokens, and the end."""
+        new = req.output_token_ids[req.num_published :]
+        if req.finished:
+            if req.request_id not in self.requests:
+                return None
+        elif not req.stream or not new:
+            return None
+        elif req.num_published > 0 and len(new) < self.config.stream_interval:
+            return None
+        return self._make_delta(req, new)
+
+    def _make_delta(self, req: Request, new: list[int]) -> RequestDelta:
+        first = req.num_published == 0 and bool(new)
+        req.num_published += len(new)
+        delta = RequestDelta(req.request_id, new, req.finished, req.finish_reason if req.finished else None)
+        if first or req.finished:
+            delta.metrics = dict(req.metrics)
+        if req.finished:
+            self._release(req)
+        return delta
+
+    def _emit_final(self, req: Request) -> None:
+        """Ends a request outside a step (abort): its unpublished tokens and its reason, now."""
+        self.deltas.append(self._make_delta(req, req.output_token_ids[req.num_published :]))
+
+    def _release(self, req: Request) -> None:
+        if self.requests.pop(req.request_id, None) is not None:
+            self.scheduler.remove(req)
+
+    def _flush(self) -> None:
+        deltas, self.deltas = self.deltas, []
+        self._publish(deltas)
+
+    def _publish(self, deltas: list[RequestDelta]) -> None:
+        """Every rank calls this at the same points; the first-token publish time is stamped here."""
+        now = time.time()
+        for d in deltas:
+            if d.metrics and d.token_ids and "first_token_published" not in d.metrics:
+                d.metrics["first_token_published"] = now
+        self.publish(deltas)

@@ -1,0 +1,53 @@
+"""Turns a scheduled batch into model inputs and runs the forward pass of this rank's shard."""
+
+from __future__ import annotations
+
+import torch
+
+from tpserve.executor.scheduler import ScheduledBatch
+from tpserve.model import AttentionMetadata, KVCache, LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: ScheduledBatch,
+        prev_tokens: torch.Tensor | None = None,
+        prev_rows: dict[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Returns float32 logits [len(batch), vocab] of each sequence's last new token.
+
+        A token that the previous step sampled and the host has not seen yet (overlap loop) is taken
+        from ``prev_tokens[prev_rows[request_id]]`` on the device, so launching needs no host sync.
+        """
+        ids: list[int] = []
+        from_device: list[tuple[int, int]] = []  # (index in ids, row in prev_tokens)
+        for seq in batch.seqs:
+            req = seq.request
+            known = req.prompt_token_ids + req.output_token_ids
+            for pos in range(seq.start_pos, seq.start_pos + seq.num_tokens):
+                if pos < len(known):
+                    ids.append(known[pos])
+                else:  # the pending token: sampled last step, still on the device
+                    assert prev_rows is not None and prev_tokens is not None
+                    from_device.append((len(ids), prev_rows[req.request_id]))
+                    ids.append(0)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+        if from_device:
+            where, rows = zip(*from_device, strict=True)
+            index = torch.tensor(where, dtype=torch.long).to(self.device, non_blocking=True)
+            src = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+            input_ids.index_copy_(0, index, prev_tokens.index_select(0, src))
+        meta, positions = AttentionMetadata.build(
+            [s.request.slot for s in batch.seqs],
+            [s.start_pos for s in batch.seqs],
+            [s.num_tokens for s in batch.seqs],
+            self.device,
+        )
+        return self.model(input_ids, positions, meta, self.kv)

@@ -1,0 +1,65 @@
+"""A request's state inside the executor, replicated identically on every rank."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tpserve.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestDelta:
+    """One publish for one request: the new tokens since its last publish, and its end if it ended."""
+
+    request_id: int
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "token_ids": self.token_ids,
+            "finished": self.finished,
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    output_token_ids: list[int] = field(default_factory=list)
+    # Tokens whose K/V are in the cache, counted when a step is scheduled (the step will write them).
+    num_computed: int = 0
+    # Tokens sampled on the device whose values the host does not know yet (overlap loop: 0 or 1).
+    num_pending: int = 0
+    slot: int | None = None
+    generator: torch.Generator | None = None
+    num_published: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + outputs, including a sampled token still on the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_token_ids)
+
+    def stamp(self, name: str) -> None:
+        """Records the first time of a metric (rank 0's wall clock; other ranks record theirs)."""
+        self.metrics.setdefault(name, time.time())

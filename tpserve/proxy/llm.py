@@ -1,0 +1,221 @@
+"""``LLM``: the user's handle on a tensor-parallel engine (spawned with mpirun, or attached to)."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from tpserve import wire
+from tpserve.errors import EngineDeadError
+from tpserve.proxy.client import EngineClient
+from tpserve.proxy.launcher import WorkerProcess, mpi_environment
+from tpserve.proxy.outputs import RequestOutput
+from tpserve.proxy.streams import RequestStream
+from tpserve.proxy.tokenizer import IncrementalDetokenizer, Tokenizer
+from tpserve.sampling_params import SamplingParams
+from tpserve.shutdown_trace import trace
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An engine of ``tensor_parallel_size`` MPI ranks behind a ZeroMQ proxy.
+
+    ``model=None`` serves the built-in default model (SmolLM2-135M-Instruct); ``connect="FILE"`` attaches
+    to workers started by the user with ``--connection-file FILE`` instead of spawning them.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        tensor_parallel_size: int = 1,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        max_num_tokens: int | None = None,
+        stream_interval: int = 1,
+        seed: int = 0,
+        enable_overlap: bool = True,
+        early_first_token: bool = True,
+        connect: str | None = None,
+        startup_timeout: float = 300.0,
+        mpirun_args: Sequence[str] = (),
+    ) -> None:
+        for name, value, low in (("tensor_parallel_size", tensor_parallel_size, 1), ("max_batch_size", max_batch_size, 1),
+                                 ("stream_interval", stream_interval, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+        self._closed = False
+        self._ids = itertools.count()
+        self._shutdown_lock = threading.Lock()
+        self.workers: WorkerProcess | None = None
+        trace("proxy", "start", connect=connect or "", tp=tensor_parallel_size)
+        if connect is not None:
+            self.client = EngineClient(wire.ConnectionInfo.read(connect), bind=False, workers=None)
+        else:
+            key = wire.new_key()
+            self.client = EngineClient(
+                wire.ConnectionInfo("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", key), bind=True, workers=None
+            )
+            env = mpi_environment(tensor_parallel_size)
+            env[wire.ENV_KEY] = key.hex()  # never argv: other users can read a process's arguments
+            env[wire.ENV_REQUEST_ADDR] = self.client.conn.request_addr
+            env[wire.ENV_RESPONSE_ADDR] = self.client.conn.response_addr
+            args = ["--device", device, "--dtype", dtype, "--max-batch-size", str(max_batch_size),
+                    "--stream-interval", str(stream_interval), "--seed", str(seed)]
+            if model is not None:
+                args += ["--model", os.path.abspath(model) if os.path.exists(model) else model]
+            if max_seq_len is not None:
+                args += ["--max-seq-len", str(max_seq_len)]
+            if max_num_tokens is not None:
+                args += ["--max-num-tokens", str(max_num_tokens)]
+            if not enable_overlap:
+                args.append("--no-overlap")
+            if not early_first_token:
+                args.append("--no-early-first-token")
+            self.workers = WorkerProcess(tensor_parallel_size, args, env, list(mpirun_args))
+            self.client.workers = self.workers
+        try:
+            self.info = self.client.handshake(startup_timeout)
+        except BaseException:
+            self._teardown(sentinel=False)
+            raise
+        self.client.start_dispatcher()
+        self.tokenizer: Tokenizer | None = None
+        tok_dir = self.info.get("model_dir", "")
+        if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            self.tokenizer = Tokenizer(tok_dir)
+        _live.add(self)
+        trace("proxy", "ready", **{k: v for k, v in self.info.items() if isinstance(v, (int, str))})
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise TypeError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+
+    def _submit(self, prompt: Prompt, params: SamplingParams | None, stream: bool) -> RequestStream:
+        if self._closed:
+            raise EngineDeadError("this LLM was shut down")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("sampling_params must be a SamplingParams")
+        text, ids = self._prompt_ids(prompt)
+        rid = next(self._ids)
+        out = RequestOutput(rid, text, ids)
+        out.metrics.arrival_proxy = time.time()
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        rs = RequestStream(out, detok, self.abort)
+        self.client.submit(rs, wire.Submit(rid, ids, params.to_dict(), stream, out.metrics.arrival_proxy))
+        return rs
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Runs every prompt (a string, token ids, or a list of either); one output per prompt, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompts):
+                raise ValueError("sampling_params: one per prompt, or a single one for all")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        streams = [self._submit(p, sp, stream=False) for p, sp in zip(prompts, params_list, strict=True)]
+        with tqdm(total=len(streams), disable=not use_tqdm or len(streams) < 8, desc="generate") as bar:
+            outputs = []
+            for s in streams:
+                outputs.append(s.result())
+                bar.update(1)
+        return outputs
+
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
+        """A sync iterator of ``StreamChunk`` deltas; ``.abort()`` ends it early, ``.result()`` waits."""
+        return self._submit(prompt, sampling_params, stream=True)
+
+    def generate_async(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, streaming: bool = True
+    ) -> RequestStream:
+        """``async for chunk in llm.generate_async(...)`` or ``out = await llm.generate_async(..., streaming=False)``."""
+        return self._submit(prompt, sampling_params, stream=streaming)
+
+    def abort(self, request_id: int) -> None:
+        if not self.client.send(wire.Abort(request_id)):
+            self.client.mark_dead("could not reach the workers")
+
+    # -- shutdown ------------------------------------------------------------------------------------------
+
+    def shutdown(self, drain: bool = False, timeout: float = 30.0) -> None:
+        """Ends the engine: aborts pending requests (or lets them finish within ``timeout`` when ``drain``),
+        sends the sentinel, waits for the workers (bounded), stops the dispatcher, closes sockets, reaps
+        mpirun. Idempotent; also runs at interpreter exit."""
+        with self._shutdown_lock:
+            if self._closed:
+                return
+            self._closed = True
+        trace("proxy", "shutdown_entered", drain=drain, pending=len(self.client.pending()))
+        if drain:
+            deadline = time.monotonic() + timeout
+            for s in self.client.pending():
+                try:
+                    s.result(max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+            trace("proxy", "drain_wait_done", pending=len(self.client.pending()))
+        self._teardown(sentinel=True)
+        _live.discard(self)
+
+    def _teardown(self, sentinel: bool) -> None:
+        alive = self.client.dead is None and (self.workers is None or self.workers.poll() is None)
+        if sentinel and alive:
+            sent = any(self.client.send(wire.Shutdown(drain=False)) for _ in range(3))
+            trace("proxy", "sentinel", outcome="SENT" if sent else "FAILED")
+            got = self.client.goodbye.wait(10.0)
+            trace("proxy", "wait_goodbye", outcome="ok" if got else "timeout")
+        else:
+            trace("proxy", "sentinel", outcome="SKIPPED", why="workers not alive" if sentinel else "startup failed")
+        for s in self.client.pending():
+            s.fail("abort", "the engine was shut down")
+        trace("proxy", "pending_aborted")
+        if self.workers is not None:
+            code = self.workers.wait(10.0)
+            trace("proxy", "wait_workers", outcome="exited" if code is not None else "timeout", code=code)
+        self.client.close()
+        if self.workers is not None:
+            code = self.workers.stop()
+            trace("proxy", "mpirun_reaped", code=code)
+            shutil.rmtree(self.workers.log_dir, ignore_errors=True)
+        trace("proxy", "exit")
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+
+_live: set[LLM] = set()  # shut down at exit, so no worker outlives a user who forgot to
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for llm in list(_live):
+        llm.shutdown()

@@ -1,0 +1,51 @@
+"""What the user gets back: per-chunk deltas while streaming, one ``RequestOutput`` at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (seconds since the epoch) of one request's life; None where not reached.
+
+    TTFT = first_token_received - arrival_proxy; its parts: queueing to rank 0, waiting for a batch,
+    computing the first token, and the hops from the host to the user."""
+
+    arrival_proxy: float | None = None
+    arrival_rank0: float | None = None
+    first_scheduled: float | None = None
+    first_token_host: float | None = None
+    first_token_published: float | None = None
+    first_token_received: float | None = None
+    chunk_times: list[float] = field(default_factory=list)  # receipt time of every chunk, first included
+    finished: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_received is None or self.arrival_proxy is None:
+            return None
+        return self.first_token_received - self.arrival_proxy
+
+
+@dataclass
+class StreamChunk:
+    request_id: int
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    error: str | None = None
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)

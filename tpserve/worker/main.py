@@ -1,0 +1,197 @@
+"""The worker process: one tensor-parallel rank. Starts up in lock-step with the other ranks, runs
+the executor loop on a thread, and tears down in a fixed order (loop joined, sockets, communicators)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import traceback
+
+from mpi4py import MPI
+
+from tpserve import wire
+from tpserve.shutdown_trace import trace
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mpi4py -m tpserve.worker")
+    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the built-in model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--max-num-tokens", type=int, default=None, help="token budget of one step")
+    p.add_argument("--stream-interval", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-overlap", dest="enable_overlap", action="store_false")
+    p.add_argument("--no-early-first-token", dest="early_first_token", action="store_false")
+    p.add_argument("--connection-file", default=None, help="attach mode: bind and write this file")
+    p.add_argument("--bind-host", default="127.0.0.1", help="attach mode: interface to bind")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    return p.parse_args(argv)
+
+
+class StartupFailed(Exception):
+    def __init__(self, message: str, tb: str, rank: int) -> None:
+        super().__init__(message)
+        self.tb = tb
+        self.rank = rank
+
+
+def _stage(comm: MPI.Comm, name: str, fn):
+    """Runs one start-up stage on every rank; if any rank failed, every rank raises the first error."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported to the proxy with its traceback
+        err = (f"{type(e).__name__}: {e}", traceback.format_exc())
+    errors = comm.allgather(err)
+    for rank, e in enumerate(errors):
+        if e is not None:
+            raise StartupFailed(f"rank {rank} failed at {name}: {e[0]}", e[1], rank)
+    return result
+
+
+def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
+    """Loads this rank's shard and returns (executor, info for READY)."""
+    import torch
+
+    from tpserve.executor.dist import init_tensor_parallel, pick_device, pick_dtype
+    from tpserve.executor.executor import Executor, ExecutorConfig
+    from tpserve.executor.model_runner import ModelRunner
+    from tpserve.executor.request_queue import RequestQueue
+    from tpserve.executor.sampler import Sampler
+    from tpserve.executor.scheduler import Scheduler
+    from tpserve.model import KVCache, ModelConfig, TPContext, load_model
+    from tpserve.model.default_model import default_model_path
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+    def resolve():
+        if args.model is not None:
+            return str(args.model)
+        return str(default_model_path()) if rank == 0 else None
+
+    model_dir = comm.bcast(_stage(comm, "resolve_model", resolve), root=0)
+    config = _stage(comm, "read_config", lambda: ModelConfig.from_dir(model_dir))
+    _stage(comm, "check_tp", lambda: config.check_tp(size))
+    device = _stage(comm, "pick_device", lambda: pick_device(args.device))
+    dtype = _stage(comm, "pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
+    max_seq_len = args.max_seq_len or min(config.max_position_embeddings, 4096)
+    _stage(comm, "init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
+    tp = TPContext(rank, size)
+    model, _ = _stage(comm, "load_model", lambda: load_model(model_dir, tp, device, dtype))
+    kv = _stage(comm, "allocate_kv_cache", lambda: KVCache(config, size, args.max_batch_size, max_seq_len, device, dtype))
+    ex_config = ExecutorConfig(
+        vocab_size=config.vocab_size,
+        max_seq_len=max_seq_len,
+        eos_token_ids=tuple(config.eos_token_ids),
+        stream_interval=args.stream_interval,
+        enable_overlap=args.enable_overlap,
+        early_first_token=args.early_first_token,
+    )
+    executor = Executor(
+        ex_config,
+        RequestQueue(comm),
+        Scheduler(args.max_batch_size, args.max_num_tokens or max_seq_len),
+        ModelRunner(model, kv, device),
+        Sampler(device, args.seed),
+        publish,
+        device,
+    )
+    info = {
+        "model_dir": model_dir,
+        "arch": config.arch,
+        "vocab_size": config.vocab_size,
+        "eos_token_ids": list(config.eos_token_ids),
+        "max_seq_len": max_seq_len,
+        "max_batch_size": args.max_batch_size,
+        "tensor_parallel_size": size,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_bytes_per_rank": kv.nbytes(),
+        "enable_overlap": args.enable_overlap,
+        "early_first_token": args.early_first_token and args.enable_overlap,
+        "pid": os.getpid(),
+    }
+    return executor, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    os.environ.setdefault("TPSERVE_RANK", str(rank))
+    trace("worker", "start", tp=comm.Get_size())
+    io = None
+    if rank == 0:
+        from tpserve.worker.rank0_io import Rank0IO
+
+        attach = args.connection_file is not None
+        if attach:
+            conn = wire.ConnectionInfo(f"tcp://{args.bind_host}:*", f"tcp://{args.bind_host}:*", wire.new_key())
+        else:
+            conn = wire.ConnectionInfo(
+                os.environ[wire.ENV_REQUEST_ADDR], os.environ[wire.ENV_RESPONSE_ADDR],
+                bytes.fromhex(os.environ[wire.ENV_KEY]),
+            )
+        io = Rank0IO(conn, bind=attach, heartbeat_timeout=args.heartbeat_timeout)
+
+    def publish(deltas) -> None:
+        if io is not None and deltas:
+            io.send(wire.Outputs([d.to_dict() for d in deltas]))
+
+    try:
+        executor, info = build_engine(args, comm, publish)
+    except StartupFailed as e:
+        trace("worker", "startup_failed", error=str(e))
+        if io is not None:
+            io.send(wire.StartupError(str(e), e.tb, e.rank))
+            io.close()
+        print(f"tpserve worker rank {rank}: {e}\n{e.tb}", file=sys.stderr, flush=True)
+        return 1
+
+    if io is not None:
+        ready = wire.Ready(info)
+        if args.connection_file is None:
+            io.send(ready)
+        else:
+            io.conn.write(args.connection_file)
+        io.start_intake(executor.queue, ready)
+    trace("worker", "ready")
+
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            executor.run()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            failure.append(e)
+            traceback.print_exc()
+
+    thread = threading.Thread(target=loop, name="executor-loop")
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # bounded joins keep the main thread responsive to signals
+    trace("executor_loop", "thread_joined", iterations=executor.iteration)
+    if failure:
+        msg = f"rank {rank}: {type(failure[0]).__name__}: {failure[0]}"
+        trace("worker", "loop_failed", error=msg)
+        if io is not None:
+            io.send(wire.EngineDead(msg, rank))
+            io.close(timeout=1.0)
+        print(f"tpserve worker {msg}", file=sys.stderr, flush=True)
+        comm.Abort(1)  # the other ranks are blocked in a collective: end them all
+    if io is not None:
+        io.send(wire.Goodbye("shutdown"))
+        trace("worker", "proxy_threads_told_to_quit")
+        io.close()
+    from tpserve.executor.dist import destroy_tensor_parallel
+
+    destroy_tensor_parallel()
+    trace("worker", "communicators_destroyed")
+    trace("worker", "exit", code=0)
+    return 0

@@ -1,0 +1,104 @@
+"""Rank 0's two socket threads beside the executor loop: intake (ZMQ -> request queue) and sender
+(responses -> ZMQ). Each socket belongs to one thread, as ZeroMQ requires."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import zmq
+
+from tpserve import wire
+from tpserve.executor.request_queue import RequestQueue
+from tpserve.shutdown_trace import trace
+
+POLL_MS = 100
+SEND_TIMEOUT_MS = 2000
+
+
+class Rank0IO:
+    def __init__(self, conn: wire.ConnectionInfo, bind: bool, heartbeat_timeout: float) -> None:
+        self.codec = wire.Codec(conn.key)
+        self.ctx = zmq.Context(io_threads=1)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.push = self.ctx.socket(zmq.PUSH)
+        for sock in (self.pull, self.push):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.push.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        if bind:
+            self.pull.bind(conn.request_addr)
+            self.push.bind(conn.response_addr)
+            self.conn = wire.ConnectionInfo(
+                self.pull.getsockopt_string(zmq.LAST_ENDPOINT),
+                self.push.getsockopt_string(zmq.LAST_ENDPOINT),
+                conn.key,
+            )
+        else:
+            self.pull.connect(conn.request_addr)
+            self.push.connect(conn.response_addr)
+            self.conn = conn
+        self.heartbeat_timeout = heartbeat_timeout
+        self.outbox: queue.Queue[wire.Message | None] = queue.Queue()
+        self.ready: wire.Ready | None = None
+        self.stop_intake = threading.Event()
+        self.sent_dropped = 0
+        self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
+        self._sender.start()
+        self._intake: threading.Thread | None = None
+
+    def send(self, msg: wire.Message) -> None:
+        self.outbox.put(msg)
+
+    def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
+        self.ready = ready
+        self._intake = threading.Thread(target=self._intake_loop, args=(requests,), name="rank0-intake", daemon=True)
+        self._intake.start()
+
+    def _intake_loop(self, requests: RequestQueue) -> None:
+        last_seen: float | None = None
+        while not self.stop_intake.is_set():
+            if self.pull.poll(POLL_MS):
+                msg = self.codec.decode(self.pull.recv_multipart())
+                if msg is None:
+                    continue
+                last_seen = time.monotonic()
+                if isinstance(msg, wire.Hello):
+                    self.send(self.ready)
+                elif isinstance(msg, (wire.Submit, wire.Abort)):
+                    if isinstance(msg, wire.Submit):
+                        msg.rank0_time = time.time()
+                    requests.put(msg)
+                elif isinstance(msg, wire.Shutdown):
+                    trace("worker", "sentinel_received", drain=msg.drain)
+                    requests.put(msg)
+                    trace("request_queue", "shutdown_enqueued")
+                    return
+            elif last_seen is not None and time.monotonic() - last_seen > self.heartbeat_timeout:
+                trace("worker", "proxy_lost", silent_s=round(time.monotonic() - last_seen, 3))
+                requests.put(wire.Shutdown(drain=False))
+                trace("request_queue", "shutdown_enqueued", reason="proxy_lost")
+                return
+
+    def _send_loop(self) -> None:
+        while True:
+            msg = self.outbox.get()
+            if msg is None:
+                return
+            try:
+                self.push.send_multipart(self.codec.encode(msg))
+            except zmq.Again:
+                self.sent_dropped += 1  # the proxy is gone; the heartbeat check ends the workers
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flushes the outbox (bounded), stops both threads, closes sockets before the context."""
+        self.stop_intake.set()
+        self.outbox.put(None)
+        self._sender.join(timeout)
+        if self._intake is not None:
+            self._intake.join(timeout)
+        self.pull.close(linger=0)
+        self.push.close(linger=int(timeout * 1000) if not self._sender.is_alive() else 0)
+        self.ctx.term()
+        trace("worker", "sockets_closed", pid=os.getpid(), dropped_frames=self.codec.dropped)
