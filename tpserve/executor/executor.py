@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tpserve import wire
+from tpserve.executor.instrument import EventLog, RankChecker
 from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import Request, RequestDelta
 from tpserve.executor.request_queue import RequestQueue
@@ -63,6 +64,9 @@ class Executor:
         sampler: Sampler,
         publish: Publisher,
         device: torch.device,
+        events: EventLog | None = None,
+        checker: RankChecker | None = None,
+        fault: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -76,6 +80,9 @@ class Executor:
         self.shutting_down = False
         self.iteration = 0
         self.prev: InFlight | None = None
+        self.events = events
+        self.checker = checker
+        self.fault = fault
 
     @property
     def overlap(self) -> bool:
@@ -91,10 +98,17 @@ class Executor:
 
     def step(self) -> None:
         idle = not self.requests and self.prev is None
-        self._handle_items(self.queue.fetch(idle=idle))
+        items = self.queue.fetch(idle=idle)
+        self._log("fetch", items=len(items))
+        self._handle_items(items)
         batch = self.scheduler.schedule()
         for seq in batch.seqs:
             seq.request.stamp("first_scheduled")
+        if self.events or self.checker:
+            seqs = [[s.request.request_id, s.start_pos, s.num_tokens, s.samples] for s in batch.seqs]
+            self._log("schedule", seqs=seqs)
+            if self.checker:
+                self.checker("schedule", self.iteration, seqs)
         if self.overlap:
             self._step_overlap(batch)
         else:
@@ -103,6 +117,7 @@ class Executor:
 
     def _step_plain(self, batch: ScheduledBatch) -> None:
         if batch:
+            self._log("forward")
             current = self._launch_sampling(batch, self.runner.forward(batch))
             self._update(current)
             self._process(current)
@@ -112,11 +127,12 @@ class Executor:
         prev = self.prev
         logits = None
         if batch:
+            self._log("forward")
             logits = self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
         if prev is not None:
             self._update(prev)
         if self.config.early_first_token:
-            self._publish(self._first_token_deltas(prev) if prev else [])
+            self._publish(self._first_token_deltas(prev) if prev else [], "early")
         self.prev = self._launch_sampling(batch, logits) if logits is not None else None
         if prev is not None:
             self._process(prev)
@@ -189,12 +205,14 @@ class Executor:
             event.record()
         for req in requests:
             req.num_pending += 1
+        self._log("sample_launch", rids=[r.request_id for r in requests])
         return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)})
 
     def _update(self, step: InFlight) -> None:
         """Moves the step's sampled tokens into their requests and applies the stop checks."""
         if step.event is not None:
             step.event.synchronize()
+        first: list[int] = []
         for req, token in zip(step.requests, step.host_tokens.tolist(), strict=True):
             req.num_pending -= 1
             if req.finished:  # stopped (or aborted) before this step's token was known: drop it
@@ -202,7 +220,9 @@ class Executor:
             req.output_token_ids.append(token)
             if len(req.output_token_ids) == 1:
                 req.stamp("first_token_host")
+                first.append(req.request_id)
             self._check_stop(req, token)
+        self._log("update", first=first)
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
@@ -252,6 +272,7 @@ class Executor:
         first = req.num_published == 0 and bool(new)
         req.num_published += len(new)
         delta = RequestDelta(req.request_id, new, req.finished, req.finish_reason if req.finished else None)
+        delta.first = first
         if first or req.finished:
             delta.metrics = dict(req.metrics)
         if req.finished:
@@ -268,12 +289,25 @@ class Executor:
 
     def _flush(self) -> None:
         deltas, self.deltas = self.deltas, []
-        self._publish(deltas)
+        self._publish(deltas, "final")
 
-    def _publish(self, deltas: list[RequestDelta]) -> None:
+    def _publish(self, deltas: list[RequestDelta], point: str) -> None:
         """Every rank calls this at the same points; the first-token publish time is stamped here."""
+        if self.fault is not None and self.iteration >= self.fault[1]:
+            deltas = [*deltas, RequestDelta(-1, [0])]  # test-only fault: this rank diverges
         now = time.time()
+        first = []
         for d in deltas:
-            if d.metrics and d.token_ids and "first_token_published" not in d.metrics:
+            if d.first:
                 d.metrics["first_token_published"] = now
+                first.append(d.request_id)
+        if self.events or self.checker:
+            summary = [[d.request_id, d.token_ids, d.finished, d.finish_reason] for d in deltas]
+            self._log("publish", point=point, deltas=summary, first=first)
+            if self.checker:
+                self.checker(f"{point} publish", self.iteration, summary)
         self.publish(deltas)
+
+    def _log(self, event: str, **data: object) -> None:
+        if self.events is not None:
+            self.events(self.iteration, event, **data)

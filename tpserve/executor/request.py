@@ -21,6 +21,7 @@ class RequestDelta:
     finish_reason: str | None = None
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    first: bool = False  # carries the request's first token
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -60,6 +60,7 @@ def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
 
     from tpserve.executor.dist import init_tensor_parallel, pick_device, pick_dtype
     from tpserve.executor.executor import Executor, ExecutorConfig
+    from tpserve.executor.instrument import make_instruments
     from tpserve.executor.model_runner import ModelRunner
     from tpserve.executor.request_queue import RequestQueue
     from tpserve.executor.sampler import Sampler
@@ -101,6 +102,7 @@ def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
         Sampler(device, args.seed),
         publish,
         device,
+        *make_instruments(comm),
     )
     info = {
         "model_dir": model_dir,

@@ -1,0 +1,148 @@
+"""Engine behaviour through the public API, on one TP-2 engine with the cross-rank check switched on."""
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+from helpers import built_model
+
+from tpserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    os.environ["TPSERVE_CHECK_RANKS"] = "1"  # every publish is compared across ranks
+    try:
+        engine = LLM(model=str(built_model("llama")), tensor_parallel_size=2, max_seq_len=128, max_batch_size=4)
+    finally:
+        del os.environ["TPSERVE_CHECK_RANKS"]
+    yield engine
+    engine.shutdown()
+
+
+def prompt(i: int, n: int) -> list[int]:
+    return [(i * 7919 + j * 104729) % 49000 + 5 for j in range(n)]
+
+
+def test_continuous_batching_matches_requests_alone(llm):
+    prompts = [prompt(i, n) for i, n in enumerate([5, 30, 2, 17, 9, 44])]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    # Staggered arrivals, more requests than slots (4): requests join and leave the running batch.
+    streams = []
+    for p in prompts:
+        streams.append(llm.generate_stream(p, GREEDY))
+        time.sleep(0.01)
+    together = [s.result(timeout=60).token_ids for s in streams]
+    assert together == alone
+
+
+def test_chunks_concatenate_to_the_result(llm):
+    s = llm.generate_stream(prompt(3, 8), SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+    chunks = list(s)
+    assert [len(c.token_ids) for c in chunks] == [1] * 7
+    assert sum((c.token_ids for c in chunks), []) == s.output.token_ids
+    assert "".join(c.text for c in chunks) == s.output.text
+    assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert not any(c.finished for c in chunks[:-1])
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    p = prompt(1, 6)
+    first = llm.generate([p], params)[0].token_ids
+    # Same seed inside a busy batch of other sampled requests: same tokens.
+    outs = llm.generate([p, prompt(2, 9), p], [params, SamplingParams(max_tokens=12, temperature=1.0), params])
+    assert outs[0].token_ids == first and outs[2].token_ids == first
+    other = llm.generate([p], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True))[0]
+    assert other.token_ids != first
+
+
+def test_seeded_sampling_reproducible_across_launches(llm):
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
+    unseeded = SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True)
+    p = prompt(4, 5)
+    here = [o.token_ids for o in llm.generate([p, p], [params, unseeded])]
+    os.environ["TPSERVE_CHECK_RANKS"] = "1"
+    try:
+        with LLM(model=str(built_model("llama")), tensor_parallel_size=2, max_seq_len=128) as other:
+            there = [o.token_ids for o in other.generate([p, p], [params, unseeded])]
+    finally:
+        del os.environ["TPSERVE_CHECK_RANKS"]
+    assert there[0] == here[0]
+    assert there[1] != here[0]
+
+
+def test_bad_requests_fail_alone(llm):
+    vocab = llm.info["vocab_size"]
+    good = [prompt(i, 6) for i in range(3)]
+    bad = {
+        "empty": ([], "prompt is empty"),
+        "too long": (prompt(9, 120), "exceeds max_seq_len 128"),
+        "out of vocab": ([1, 2, vocab], f"outside the vocabulary \\[0, {vocab}\\)"),
+        "negative": ([1, -5, 2], "outside the vocabulary"),
+    }
+    expected_good = [llm.generate([p], GREEDY)[0].token_ids for p in good]
+    mixed = [good[0], bad["empty"][0], good[1], bad["too long"][0], bad["out of vocab"][0], bad["negative"][0], good[2]]
+    outs = llm.generate(mixed, GREEDY)
+    assert [outs[i].token_ids for i in (0, 2, 6)] == expected_good
+    for out, (_, message) in zip([outs[1], outs[3], outs[4], outs[5]], bad.values(), strict=True):
+        assert out.finish_reason == "error"
+        assert out.token_ids == []
+        import re
+
+        assert re.search(message, out.error), out.error
+
+
+def test_bad_call_arguments_raise_at_the_call(llm):
+    with pytest.raises(ValueError, match="SamplingParams.temperature"):
+        llm.generate([[1, 2]], SamplingParams(temperature=-1))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        llm.generate([[1, 2]], {"max_tokens": 3})
+    with pytest.raises(TypeError, match="prompt must be"):
+        llm.generate_stream(3.5)
+
+
+def test_abort_mid_stream_frees_the_request(llm):
+    long = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    victim = llm.generate_stream(prompt(5, 4), long)
+    others = [llm.generate_stream(prompt(6 + i, 4), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+              for i in range(2)]
+    next(victim)
+    victim.abort()
+    rest = list(victim)
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert len(victim.output.token_ids) < 100
+    assert all(o.result(timeout=60).finish_reason == "length" for o in others)
+    # The slot came back: a full batch of new requests still runs.
+    outs = llm.generate([prompt(i, 3) for i in range(4)], GREEDY)
+    assert all(o.finish_reason == "length" for o in outs)
+
+
+def test_many_threads_and_coroutines(llm):
+    p = prompt(7, 5)
+    expected = llm.generate([p], GREEDY)[0].token_ids
+    results: list[list[int]] = []
+
+    def worker():
+        results.append([t for c in llm.generate_stream(p, GREEDY) for t in c.token_ids])
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [expected] * 6
+
+    async def main():
+        async def one(streaming: bool):
+            if streaming:
+                return [t for c in [c async for c in llm.generate_async(p, GREEDY)] for t in c.token_ids]
+            return (await llm.generate_async(p, GREEDY, streaming=False)).token_ids
+
+        return await asyncio.gather(*[one(i % 2 == 0) for i in range(8)])
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [expected] * 8

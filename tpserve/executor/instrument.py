@@ -1,0 +1,70 @@
+"""Debug instruments of the loop: a per-rank event log, and the cross-rank check of every publish.
+
+``TPSERVE_EVENT_LOG=DIR`` writes ``DIR/events.rank<R>.jsonl``: one line per loop event, in order.
+``TPSERVE_CHECK_RANKS=1`` gathers a digest of each publish (and each schedule) from every rank on rank 0,
+which fails with the iteration, the ranks and what differed: a desync becomes an error, never a hang.
+``TPSERVE_FAULT_DIVERGE=RANK:ITERATION`` (tests only) makes that rank publish a bogus delta from that
+iteration on, to prove the check catches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import msgpack
+from mpi4py import MPI
+
+
+class RankDivergence(RuntimeError):
+    pass
+
+
+class EventLog:
+    def __init__(self, directory: str, rank: int) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self._f = open(os.path.join(directory, f"events.rank{rank}.jsonl"), "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def __call__(self, iteration: int, event: str, **data: Any) -> None:
+        self._f.write(json.dumps({"it": iteration, "ev": event, "t": time.monotonic(), **data}) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class RankChecker:
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.count = 0
+
+    def __call__(self, what: str, iteration: int, payload: Any) -> None:
+        """Collective on every rank, at the same points."""
+        self.count += 1
+        digest = hashlib.sha256(msgpack.packb(payload, use_bin_type=True)).hexdigest()[:16]
+        gathered = self.comm.gather((digest, payload), root=0)
+        if self.rank != 0:
+            return
+        bad = [r for r, (d, _) in enumerate(gathered) if d != gathered[0][0]]
+        if bad:
+            details = "; ".join(f"rank {r}: {gathered[r][1]!r}"[:300] for r in [0, *bad])
+            raise RankDivergence(
+                f"ranks diverged at iteration {iteration}, {what} #{self.count}: ranks {bad} differ from rank 0 ({details})"
+            )
+
+
+def make_instruments(comm: MPI.Comm) -> tuple[EventLog | None, RankChecker | None, tuple[int, int] | None]:
+    rank = comm.Get_rank()
+    log_dir = os.environ.get("TPSERVE_EVENT_LOG")
+    events = EventLog(log_dir, rank) if log_dir else None
+    checker = RankChecker(comm) if os.environ.get("TPSERVE_CHECK_RANKS") == "1" and comm.Get_size() > 1 else None
+    fault = None
+    spec = os.environ.get("TPSERVE_FAULT_DIVERGE")
+    if spec:
+        fault_rank, fault_it = (int(x) for x in spec.split(":"))
+        if fault_rank == rank:
+            fault = (fault_rank, fault_it)
+    return events, checker, fault
