@@ -92,6 +92,7 @@ class Outputs(Message):
 
     KIND: ClassVar[str] = "outputs"
     deltas: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Any] | None = None  # the executor's load, sent when it changes (at most 4 per second)
 
 
 @dataclass

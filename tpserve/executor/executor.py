@@ -83,6 +83,7 @@ class Executor:
         self.events = events
         self.checker = checker
         self.fault = fault
+        self.iteration_time = 0.0  # moving average of busy iterations, seconds
 
     @property
     def overlap(self) -> bool:
@@ -99,6 +100,7 @@ class Executor:
     def step(self) -> None:
         idle = not self.requests and self.prev is None
         items = self.queue.fetch(idle=idle)
+        start = time.perf_counter()
         self._log("fetch", items=len(items))
         self._handle_items(items)
         batch = self.scheduler.schedule()
@@ -113,7 +115,19 @@ class Executor:
             self._step_overlap(batch)
         else:
             self._step_plain(batch)
+        if batch:
+            self.iteration_time += 0.1 * (time.perf_counter() - start - self.iteration_time)
         self.iteration += 1
+
+    def stats(self) -> dict[str, float | int | bool]:
+        num_slots = self.runner.kv.k.shape[1]
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "iteration_time_s": self.iteration_time,
+            "kv_cache_usage": 1.0 - len(self.scheduler.free_slots) / num_slots,
+            "shutting_down": self.shutting_down,
+        }
 
     def _step_plain(self, batch: ScheduledBatch) -> None:
         if batch:

@@ -48,6 +48,7 @@ class EngineClient:
         self.goodbye = threading.Event()
         self.stop = threading.Event()
         self.info: dict = {}
+        self.stats: dict = {}
         self._dispatcher: threading.Thread | None = None
         self.on_dead: Callable[[str], None] | None = None
 
@@ -115,6 +116,8 @@ class EngineClient:
                 last_heard = time.monotonic()
                 if isinstance(msg, wire.Outputs):
                     self._route(msg.deltas)
+                    if msg.stats:
+                        self.stats = msg.stats
                 elif isinstance(msg, wire.EngineDead):
                     self.mark_dead(f"the executor failed on {msg.message}")
                 elif isinstance(msg, wire.Goodbye):

@@ -156,6 +156,15 @@ class LLM:
         """``async for chunk in llm.generate_async(...)`` or ``out = await llm.generate_async(..., streaming=False)``."""
         return self._submit(prompt, sampling_params, stream=streaming)
 
+    def stats(self) -> dict:
+        """The engine's load as rank 0 last reported it (running, waiting, iteration_time_s,
+        kv_cache_usage, shutting_down), plus ``pending`` requests on this side."""
+        stats = {"running": 0, "waiting": 0, "iteration_time_s": 0.0, "kv_cache_usage": 0.0, **self.client.stats}
+        stats["shutting_down"] = bool(stats.get("shutting_down")) or self._closed
+        stats["pending"] = len(self.client.pending())
+        stats["dead"] = self.client.dead
+        return stats
+
     def abort(self, request_id: int) -> None:
         if not self.client.send(wire.Abort(request_id)):
             self.client.mark_dead("could not reach the workers")

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 import traceback
 
 from mpi4py import MPI
@@ -142,12 +143,25 @@ def main(argv: list[str] | None = None) -> int:
             )
         io = Rank0IO(conn, bind=attach, heartbeat_timeout=args.heartbeat_timeout)
 
+    engine: list = []  # the executor, once built: its stats ride along with the publishes
+    last_stats: list = [None, 0.0]
+
     def publish(deltas) -> None:
-        if io is not None and deltas:
-            io.send(wire.Outputs([d.to_dict() for d in deltas]))
+        if io is None:
+            return
+        stats = engine[0].stats() if engine else None
+        now = time.monotonic()
+        key = stats and (stats["running"], stats["waiting"], stats["shutting_down"])
+        if stats is None or (key == last_stats[0] and now - last_stats[1] < 0.25):
+            stats = None
+        else:
+            last_stats[:] = [key, now]
+        if deltas or stats:
+            io.send(wire.Outputs([d.to_dict() for d in deltas], stats))
 
     try:
         executor, info = build_engine(args, comm, publish)
+        engine.append(executor)
     except StartupFailed as e:
         trace("worker", "startup_failed", error=str(e))
         if io is not None:
