@@ -118,7 +118,7 @@ class LLM:
         out = RequestOutput(rid, text, ids)
         out.metrics.arrival_proxy = time.time()
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        rs = RequestStream(out, detok, self.abort)
+        rs = RequestStream(out, detok, self.abort, stream)
         self.client.submit(rs, wire.Submit(rid, ids, params.to_dict(), stream, out.metrics.arrival_proxy))
         return rs
 

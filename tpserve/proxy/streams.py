@@ -22,8 +22,10 @@ class RequestStream:
         output: RequestOutput,
         detokenizer: IncrementalDetokenizer | None,
         abort: Callable[[int], None],
+        streaming: bool = True,
     ) -> None:
         self.output = output
+        self.streaming = streaming  # False: one chunk, at the end
         self._detok = detokenizer
         self._abort = abort
         self._cond = threading.Condition()

@@ -1,0 +1,258 @@
+"""The model package in one process (TP 1, float32 CPU): greedy tokens equal Hugging Face's, config and loader errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from tpserve.model import AttentionMetadata, KVCache, ModelConfig, TPContext, load_model, make_model
+from tpserve.model.llama import rope_inv_freq
+
+PROMPTS = [
+    [5, 17, 300, 42, 9, 1000, 77],
+    [8],
+    [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 12],
+]
+MAX_NEW_TOKENS = 12
+# (arch, tie_word_embeddings): every architecture, and both embedding layouts.
+MODELS = [
+    ("llama", False),
+    ("llama", True),
+    ("qwen2", False),
+    ("qwen2", True),
+    ("qwen3", False),
+    ("qwen3", True),
+]
+
+
+def greedy(
+    model: torch.nn.Module, config: ModelConfig, prompts: list[list[int]], chunk: int | None = None
+) -> list[list[int]]:
+    """Greedy decoding of all prompts in one batch: prompts in chunks of up to `chunk` tokens, then decodes.
+
+    Sequences still prefilling share forwards with sequences already decoding (mixed batches).
+    """
+    max_len = max(map(len, prompts)) + MAX_NEW_TOKENS
+    kv = KVCache(config, 1, len(prompts), max_len, "cpu", torch.float32)
+    cached = [0] * len(prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    while active:
+        pending = [(prompts[i] + outputs[i])[cached[i] :][:chunk] for i in active]
+        meta, positions = AttentionMetadata.build(
+            active, [cached[i] for i in active], list(map(len, pending)), "cpu"
+        )
+        logits = model(torch.tensor(sum(pending, [])), positions, meta, kv)
+        for row, (i, new) in enumerate(zip(active, pending, strict=True)):
+            cached[i] += len(new)
+            if cached[i] == len(prompts[i]) + len(outputs[i]):
+                outputs[i].append(int(logits[row].argmax()))
+        active = [
+            i
+            for i in active
+            if len(outputs[i]) < MAX_NEW_TOKENS
+            and not (outputs[i] and outputs[i][-1] in config.eos_token_ids)
+        ]
+    return outputs
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    result = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS, do_sample=False
+        )
+        result.append(out[0, len(prompt) :].tolist())
+    return result
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        (arch, tie): make_model(root / f"{arch}-{tie}", arch, "tiny", seed=1, tie_word_embeddings=tie)
+        for arch, tie in MODELS
+    }
+
+
+@pytest.fixture(scope="session")
+def references(model_dirs: dict[tuple[str, bool], Path]) -> dict[tuple[str, bool], list[list[int]]]:
+    return {key: hf_greedy(path, PROMPTS) for key, path in model_dirs.items()}
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-prefill", "chunked"])
+@pytest.mark.parametrize("key", MODELS, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in MODELS])
+def test_greedy_matches_hf(
+    model_dirs: dict[tuple[str, bool], Path],
+    references: dict[tuple[str, bool], list[list[int]]],
+    key: tuple[str, bool],
+    chunk: int | None,
+) -> None:
+    model, config = load_model(model_dirs[key], TPContext(), "cpu", torch.float32)
+    assert config.arch == key[0] and config.tie_word_embeddings == key[1]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == key[1]
+    assert greedy(model, config, PROMPTS, chunk) == references[key]
+
+
+def test_random_models_do_not_collapse(references: dict[tuple[str, bool], list[list[int]]]) -> None:
+    """Parity on a stream of one repeated token would prove little."""
+    for key, streams in references.items():
+        assert len({tuple(s) for s in streams}) == len(streams), key
+        assert all(len(set(s)) > len(s) // 2 for s in streams), (key, streams)
+
+
+def test_untied_config_without_lm_head_ties(model_dirs: dict[tuple[str, bool], Path], tmp_path: Path) -> None:
+    """A checkpoint that has no lm_head.weight uses the embedding, whatever config.json says."""
+    source = model_dirs[("llama", True)]
+    raw = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": False}))
+    save_file(load_file(source / "model.safetensors"), tmp_path / "model.safetensors")
+    model, config = load_model(tmp_path, TPContext(), "cpu", torch.float32)
+    assert config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_loader_errors(model_dirs: dict[tuple[str, bool], Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere", TPContext(), "cpu", torch.float32)
+    source = model_dirs[("qwen3", False)]
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        load_model(tmp_path, TPContext(), "cpu", torch.float32)
+    tensors = load_file(source / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"], tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match="model.layers.0.mlp.up_proj.weight.*model.layers.1.self_attn.k_norm"
+    ):
+        load_model(tmp_path, TPContext(), "cpu", torch.float32)
+
+
+def test_check_tp(model_dirs: dict[tuple[str, bool], Path]) -> None:
+    config = ModelConfig.from_dir(model_dirs[("llama", False)])
+    config.check_tp(2)
+    odd = dataclasses.replace(config, num_heads=9, num_kv_heads=3)
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size=2 does not divide num_attention_heads=9 \(num_key"
+    ):
+        odd.check_tp(2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 does not divide"):
+        config.check_tp(4)
+
+
+def _write_config(path: Path, **fields: object) -> Path:
+    path.mkdir(exist_ok=True)
+    base = {
+        "model_type": "llama",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    (path / "config.json").write_text(json.dumps({**base, **fields}))
+    return path
+
+
+def test_config_layouts(tmp_path: Path) -> None:
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    old = ModelConfig.from_dir(
+        _write_config(tmp_path / "old", rope_theta=500000.0, rope_scaling=llama3, eos_token_id=[7, 8])
+    )
+    new = ModelConfig.from_dir(
+        _write_config(tmp_path / "new", rope_parameters={**llama3, "rope_theta": 500000.0})
+    )
+    assert old.rope_theta == new.rope_theta == 500000.0
+    assert old.rope_scaling == new.rope_scaling == llama3
+    assert (old.num_kv_heads, old.head_dim, old.torch_dtype, old.eos_token_ids) == (4, 16, "float32", (7, 8))
+
+    generation = _write_config(tmp_path / "gen", eos_token_id=2, rope_theta=1e4, dtype="bfloat16")
+    (generation / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    config = ModelConfig.from_dir(generation)
+    assert (config.eos_token_ids, config.rope_scaling, config.torch_dtype) == ((2, 5), None, "bfloat16")
+
+    with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
+        ModelConfig.from_dir(_write_config(tmp_path / "yarn", rope_scaling={"type": "yarn", "factor": 4.0}))
+    with pytest.raises(ValueError, match="unsupported model_type='gpt2'"):
+        ModelConfig.from_dir(
+            _write_config(tmp_path / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        )
+    with pytest.raises(ValueError, match="no config.json"):
+        ModelConfig.from_dir(tmp_path / "empty")
+
+
+def test_llama3_rope_matches_hf(tmp_path: Path) -> None:
+    scaling = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    hf_config = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling},
+    )
+    hf_config.save_pretrained(tmp_path)
+    config = ModelConfig.from_dir(tmp_path)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    assert torch.equal(rope_inv_freq(config), expected)
+    assert not torch.equal(expected, 1.0 / 500000.0 ** (torch.arange(0, 128, 2).float() / 128))
+
+
+def test_make_model_with_tokenizer(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    vocab = {
+        tok: i
+        for i, tok in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "a", "b", "c", "d", "e", "f", "g"])
+    }
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer_config = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (tokenizer_dir / "chat_template.jinja").write_text("{{ messages }}")
+    out = make_model(tmp_path / "model", "qwen3", tokenizer_dir=tokenizer_dir)
+    config = ModelConfig.from_dir(out)
+    # 10 tokens + 5 = 15 is divisible by 3, 16 by 2: the next odd size not divisible by 3 is 17.
+    assert (config.vocab_size, config.eos_token_ids, config.bos_token_id) == (17, (2,), 1)
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+def test_attention_metadata_build() -> None:
+    meta, positions = AttentionMetadata.build([3, 0, 5], [4, 0, 9], [2, 3, 1], "cpu")
+    assert positions.tolist() == [4, 5, 0, 1, 2, 9]
+    assert meta.token_slots.tolist() == [3, 3, 0, 0, 0, 5]
+    assert meta.last_token_index.tolist() == [1, 4, 5]
+    assert meta.slot_ids.tolist() == [3, 0, 5]
+    assert meta.context_lens.tolist() == meta.context_lens_host == [6, 3, 10]
+    assert meta.query_lens == [2, 3, 1] and not meta.is_decode
+    with pytest.raises(ValueError, match="at least one new token"):
+        AttentionMetadata.build([0], [0], [0], "cpu")
+
+
+def test_context_beyond_cache_is_refused(model_dirs: dict[tuple[str, bool], Path]) -> None:
+    model, config = load_model(model_dirs[("llama", False)], TPContext(), "cpu", torch.float32)
+    kv = KVCache(config, 1, 1, 8, "cpu", torch.float32)
+    meta, positions = AttentionMetadata.build([0], [4], [5], "cpu")
+    with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
+        model(torch.arange(5), positions, meta, kv)
