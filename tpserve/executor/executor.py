@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from tpserve import wire
-from tpserve.executor.instrument import EventLog, RankChecker
+from tpserve.executor.instrument import EventLog, Faults, RankChecker
 from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import Request, RequestDelta
 from tpserve.executor.request_queue import RequestQueue
 from tpserve.executor.sampler import Sampler
 from tpserve.executor.scheduler import ScheduledBatch, Scheduler
 from tpserve.sampling_params import SamplingParams
+from tpserve.shutdown_trace import trace
 
 Publisher = Callable[[list[RequestDelta]], None]
 
@@ -66,7 +67,7 @@ class Executor:
         device: torch.device,
         events: EventLog | None = None,
         checker: RankChecker | None = None,
-        fault: tuple[int, int] | None = None,
+        faults: Faults = Faults(),  # noqa: B008 - frozen
     ) -> None:
         self.config = config
         self.queue = queue
@@ -82,7 +83,7 @@ class Executor:
         self.prev: InFlight | None = None
         self.events = events
         self.checker = checker
-        self.fault = fault
+        self.faults = faults
         self.iteration_time = 0.0  # moving average of busy iterations, seconds
 
     @property
@@ -96,8 +97,11 @@ class Executor:
     def run(self) -> None:
         while not self.done:
             self.step()
+        trace("executor_loop", "loop_exit", iteration=self.iteration)
 
     def step(self) -> None:
+        if self.faults.raise_at is not None and self.iteration >= self.faults.raise_at:
+            raise RuntimeError(f"injected fault at iteration {self.iteration} (TPSERVE_FAULT_RAISE)")
         idle = not self.requests and self.prev is None
         items = self.queue.fetch(idle=idle)
         start = time.perf_counter()
@@ -164,11 +168,14 @@ class Executor:
                     self._finish(req, "abort")
                     self._emit_final(req)
             elif isinstance(item, wire.Shutdown):
+                trace("executor_loop", "sentinel_seen", drain=item.drain, iteration=self.iteration,
+                      active=len(self.requests))
                 self.shutting_down = True
                 if not item.drain:
                     for req in list(self.requests.values()):
                         self._finish(req, "abort")
                         self._emit_final(req)
+                trace("executor_loop", "drain", remaining=len(self.requests), in_flight=self.prev is not None)
 
     def _add(self, item: wire.Submit) -> None:
         rid = item.request_id
@@ -307,7 +314,7 @@ class Executor:
 
     def _publish(self, deltas: list[RequestDelta], point: str) -> None:
         """Every rank calls this at the same points; the first-token publish time is stamped here."""
-        if self.fault is not None and self.iteration >= self.fault[1]:
+        if self.faults.diverge_at is not None and self.iteration >= self.faults.diverge_at:
             deltas = [*deltas, RequestDelta(-1, [0])]  # test-only fault: this rank diverges
         now = time.time()
         first = []

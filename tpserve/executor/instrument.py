@@ -3,8 +3,9 @@
 ``TPSERVE_EVENT_LOG=DIR`` writes ``DIR/events.rank<R>.jsonl``: one line per loop event, in order.
 ``TPSERVE_CHECK_RANKS=1`` gathers a digest of each publish (and each schedule) from every rank on rank 0,
 which fails with the iteration, the ranks and what differed: a desync becomes an error, never a hang.
-``TPSERVE_FAULT_DIVERGE=RANK:ITERATION`` (tests only) makes that rank publish a bogus delta from that
-iteration on, to prove the check catches it.
+Test-only fault hooks, each ``RANK:ITERATION``: ``TPSERVE_FAULT_DIVERGE`` makes that rank publish a
+bogus delta from that iteration on (the check must catch it); ``TPSERVE_FAULT_RAISE`` makes that rank's
+loop raise there (the proxy must learn which rank failed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -56,15 +58,26 @@ class RankChecker:
             )
 
 
-def make_instruments(comm: MPI.Comm) -> tuple[EventLog | None, RankChecker | None, tuple[int, int] | None]:
+@dataclass(frozen=True)
+class Faults:
+    """The iterations from which this rank misbehaves on purpose (None: never)."""
+
+    diverge_at: int | None = None
+    raise_at: int | None = None
+
+
+def _fault_iteration(name: str, rank: int) -> int | None:
+    spec = os.environ.get(name)
+    if not spec:
+        return None
+    fault_rank, iteration = (int(x) for x in spec.split(":"))
+    return iteration if fault_rank == rank else None
+
+
+def make_instruments(comm: MPI.Comm) -> tuple[EventLog | None, RankChecker | None, Faults]:
     rank = comm.Get_rank()
     log_dir = os.environ.get("TPSERVE_EVENT_LOG")
     events = EventLog(log_dir, rank) if log_dir else None
     checker = RankChecker(comm) if os.environ.get("TPSERVE_CHECK_RANKS") == "1" and comm.Get_size() > 1 else None
-    fault = None
-    spec = os.environ.get("TPSERVE_FAULT_DIVERGE")
-    if spec:
-        fault_rank, fault_it = (int(x) for x in spec.split(":"))
-        if fault_rank == rank:
-            fault = (fault_rank, fault_it)
-    return events, checker, fault
+    faults = Faults(_fault_iteration("TPSERVE_FAULT_DIVERGE", rank), _fault_iteration("TPSERVE_FAULT_RAISE", rank))
+    return events, checker, faults

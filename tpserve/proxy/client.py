@@ -22,7 +22,7 @@ HEARTBEAT_S = 1.0
 
 class EngineClient:
     def __init__(self, conn: wire.ConnectionInfo, bind: bool, workers: WorkerProcess | None,
-                 silence_timeout: float = 10.0) -> None:
+                 silence_timeout: float = 4.0) -> None:
         self.codec = wire.Codec(conn.key)
         self.ctx = zmq.Context(io_threads=1)
         self.push = self.ctx.socket(zmq.PUSH)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -13,7 +14,7 @@ import traceback
 from mpi4py import MPI
 
 from tpserve import wire
-from tpserve.shutdown_trace import trace
+from tpserve.shutdown_trace import phase_timer, trace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -170,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tpserve worker rank {rank}: {e}\n{e.tb}", file=sys.stderr, flush=True)
         return 1
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        """Only sets things in motion: rank 0 enqueues the sentinel, which every rank then sees."""
+        trace("worker", "signal", signum=signum)
+        if rank == 0:
+            executor.queue.put(wire.Shutdown(drain=False))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     if io is not None:
         ready = wire.Ready(info)
         if args.connection_file is None:
@@ -201,13 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             io.close(timeout=1.0)
         print(f"tpserve worker {msg}", file=sys.stderr, flush=True)
         comm.Abort(1)  # the other ranks are blocked in a collective: end them all
-    if io is not None:
-        io.send(wire.Goodbye("shutdown"))
-        trace("worker", "proxy_threads_told_to_quit")
-        io.close()
-    from tpserve.executor.dist import destroy_tensor_parallel
+    with phase_timer("worker", "cleanup"):
+        if io is not None:
+            io.send(wire.Goodbye("shutdown"))
+            trace("worker", "proxy_threads_told_to_quit")
+            io.close()
+        if executor.events is not None:
+            executor.events.close()
+        from tpserve.executor.dist import destroy_tensor_parallel
 
-    destroy_tensor_parallel()
-    trace("worker", "communicators_destroyed")
+        destroy_tensor_parallel()
+        trace("worker", "torch_distributed_destroyed")
+        comm.Barrier()  # every rank is through its teardown before MPI goes (mpi4py finalizes at exit)
+        trace("worker", "communicators_destroyed")
     trace("worker", "exit", code=0)
     return 0

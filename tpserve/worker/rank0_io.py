@@ -16,6 +16,7 @@ from tpserve.shutdown_trace import trace
 
 POLL_MS = 100
 SEND_TIMEOUT_MS = 2000
+HEARTBEAT_S = 1.0
 
 
 class Rank0IO:
@@ -57,8 +58,14 @@ class Rank0IO:
         self._intake.start()
 
     def _intake_loop(self, requests: RequestQueue) -> None:
+        """Runs until ``close``: after the sentinel it keeps answering (heartbeats) while the ranks end."""
         last_seen: float | None = None
+        next_heartbeat = 0.0
+        ending = False
         while not self.stop_intake.is_set():
+            if time.monotonic() >= next_heartbeat:  # so an attached proxy can tell silence from death
+                self.send(wire.Heartbeat(time.time()))
+                next_heartbeat = time.monotonic() + HEARTBEAT_S
             if self.pull.poll(POLL_MS):
                 msg = self.codec.decode(self.pull.recv_multipart())
                 if msg is None:
@@ -69,17 +76,17 @@ class Rank0IO:
                 elif isinstance(msg, (wire.Submit, wire.Abort)):
                     if isinstance(msg, wire.Submit):
                         msg.rank0_time = time.time()
-                    requests.put(msg)
-                elif isinstance(msg, wire.Shutdown):
+                    requests.put(msg)  # after the sentinel the executor aborts late submits
+                elif isinstance(msg, wire.Shutdown) and not ending:
+                    ending = True
                     trace("worker", "sentinel_received", drain=msg.drain)
                     requests.put(msg)
                     trace("request_queue", "shutdown_enqueued")
-                    return
-            elif last_seen is not None and time.monotonic() - last_seen > self.heartbeat_timeout:
+            elif not ending and last_seen is not None and time.monotonic() - last_seen > self.heartbeat_timeout:
+                ending = True
                 trace("worker", "proxy_lost", silent_s=round(time.monotonic() - last_seen, 3))
                 requests.put(wire.Shutdown(drain=False))
                 trace("request_queue", "shutdown_enqueued", reason="proxy_lost")
-                return
 
     def _send_loop(self) -> None:
         while True:
