@@ -4,6 +4,7 @@ responses to request streams and watches the workers' liveness."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -119,7 +120,7 @@ class EngineClient:
                     if msg.stats:
                         self.stats = msg.stats
                 elif isinstance(msg, wire.EngineDead):
-                    self.mark_dead(f"the executor failed on {msg.message}")
+                    self.mark_dead(self._engine_dead_reason(msg))
                 elif isinstance(msg, wire.Goodbye):
                     trace("proxy", "goodbye_received", reason=msg.reason)
                     self.goodbye.set()
@@ -131,6 +132,18 @@ class EngineClient:
                 elif self.workers is None and time.monotonic() - last_heard > self.silence_timeout:
                     self.mark_dead(f"no word from the workers for {self.silence_timeout:.0f} s")
         trace("proxy", "dispatcher_exit")
+
+    def _engine_dead_reason(self, msg: wire.EngineDead) -> str:
+        """Rank 0's error is often only the echo of another rank's death (a broken collective): give
+        mpirun a moment to say which rank died and how, and report both."""
+        reported = f"the executor failed on {msg.message}"
+        if self.workers is None:
+            return reported
+        deadline = time.monotonic() + 3.0
+        while self.workers.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = self.workers.poll()
+        return reported if code is None else f"{describe_exit(code, self.workers.log_tail())}\n{reported}"
 
     def _route(self, deltas: list[dict]) -> None:
         received = time.time()
@@ -170,9 +183,24 @@ class EngineClient:
         trace("proxy", "sockets_closed", dropped_frames=self.codec.dropped)
 
 
+RANK_DIED = re.compile(
+    r"process rank (\d+) with PID (\d+) on node (\S+) exited on\s+signal (\d+) \(([^)]*)\)"
+    r"|process rank (\d+) with PID (\d+) on node (\S+) exited on\s+signal (\d+)"
+)
+RANK_FAILED = re.compile(r"tpserve worker rank (\d+): (.+)")
+PEER_LOSS = re.compile(r"gloo|nccl|connection (reset|closed)|by peer", re.IGNORECASE)
+
+
 def describe_exit(code: int, log_tail: str) -> str:
-    """Which rank died and how, from mpirun's exit code and its output."""
-    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    lines = [ln for ln in log_tail.splitlines() if "rank" in ln.lower() or "signal" in ln.lower()]
-    detail = "\n".join(lines[-6:]) if lines else log_tail[-1500:]
-    return f"the workers died (mpirun {how}):\n{detail}"
+    """Which rank died and how, from mpirun's exit code and its report (Open MPI 4 and 5 word it alike)."""
+    flat = " ".join(log_tail.split())
+    m = RANK_DIED.search(flat)
+    if m:
+        rank, pid, node, sig, name = m.group(1, 2, 3, 4, 5) if m.group(1) else (*m.group(6, 7, 8, 9), "")
+        return f"worker rank {rank} (pid {pid} on {node}) was killed by signal {sig} {name}".rstrip()
+    failed = RANK_FAILED.findall(log_tail)
+    if failed:  # the rank whose error is its own, not the echo of losing a peer
+        rank, error = next((f for f in failed if not PEER_LOSS.search(f[1])), failed[0])
+        return f"worker rank {rank} failed: {error}"
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"the workers died (mpirun {how}):\n{log_tail[-1500:]}"

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
+
 
 def mpi_environment(tp: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for mpirun: root allowed, oversubscription (CI has 2 cores for 3 ranks), no ofi
@@ -54,7 +56,7 @@ class WorkerProcess:
     def poll(self) -> int | None:
         return self.popen.poll()
 
-    def log_tail(self, n: int = 4000) -> str:
+    def log_tail(self, n: int = 32000) -> str:
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -69,11 +71,25 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             return None
 
+    def session_pids(self) -> list[int]:
+        """Every process of mpirun's session: Open MPI 5 puts each rank in a process group of its own,
+        so the session (started by ``start_new_session``), not the group, is what holds them all."""
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == self.pid:
+                    found.append(p.pid)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return found
+
     def kill_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Signals mpirun's process group and every other process of its session."""
+        for pid in {self.pid, *self.session_pids()}:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def stop(self, term_timeout: float = 5.0, kill_timeout: float = 5.0) -> int | None:
         """Reaps mpirun, escalating SIGTERM then SIGKILL of the whole group when a bound expires."""
@@ -84,5 +100,6 @@ class WorkerProcess:
         if code is None:
             self.kill_group(signal.SIGKILL)
             code = self.wait(kill_timeout)
-        self.kill_group(signal.SIGKILL)  # stragglers of the group, if any survived mpirun
+        if self.session_pids():
+            self.kill_group(signal.SIGKILL)  # stragglers of the session, if any survived mpirun
         return code

@@ -6,6 +6,7 @@ import atexit
 import itertools
 import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from tpserve.proxy.outputs import RequestOutput
 from tpserve.proxy.streams import RequestStream
 from tpserve.proxy.tokenizer import IncrementalDetokenizer, Tokenizer
 from tpserve.sampling_params import SamplingParams
-from tpserve.shutdown_trace import trace
+from tpserve.shutdown_trace import phase_timer, trace
 
 Prompt = str | list[int]
 
@@ -56,6 +57,7 @@ class LLM:
         self._closed = False
         self._ids = itertools.count()
         self._shutdown_lock = threading.Lock()
+        self._force = threading.Event()
         self.workers: WorkerProcess | None = None
         trace("proxy", "start", connect=connect or "", tp=tensor_parallel_size)
         if connect is not None:
@@ -138,13 +140,20 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params] * len(prompts)
-        streams = [self._submit(p, sp, stream=False) for p, sp in zip(prompts, params_list, strict=True)]
-        with tqdm(total=len(streams), disable=not use_tqdm or len(streams) < 8, desc="generate") as bar:
-            outputs = []
+        streams: list[RequestStream] = []
+        try:
+            for p, sp in zip(prompts, params_list, strict=True):
+                streams.append(self._submit(p, sp, stream=False))
+            with tqdm(total=len(streams), disable=not use_tqdm or len(streams) < 8, desc="generate") as bar:
+                outputs = []
+                for s in streams:
+                    outputs.append(s.result())
+                    bar.update(1)
+            return outputs
+        except BaseException:  # Ctrl-C (or any error) here: the engine must not keep computing for nobody
             for s in streams:
-                outputs.append(s.result())
-                bar.update(1)
-        return outputs
+                s.abort()
+            raise
 
     def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> RequestStream:
         """A sync iterator of ``StreamChunk`` deltas; ``.abort()`` ends it early, ``.result()`` waits."""
@@ -174,38 +183,72 @@ class LLM:
     def shutdown(self, drain: bool = False, timeout: float = 30.0) -> None:
         """Ends the engine: aborts pending requests (or lets them finish within ``timeout`` when ``drain``),
         sends the sentinel, waits for the workers (bounded), stops the dispatcher, closes sockets, reaps
-        mpirun. Idempotent; also runs at interpreter exit."""
+        mpirun. Idempotent; also runs at interpreter exit. A Ctrl-C while it runs forces: SIGKILL."""
         with self._shutdown_lock:
             if self._closed:
                 return
             self._closed = True
-        trace("proxy", "shutdown_entered", drain=drain, pending=len(self.client.pending()))
-        if drain:
-            deadline = time.monotonic() + timeout
-            for s in self.client.pending():
-                try:
-                    s.result(max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    break
-            trace("proxy", "drain_wait_done", pending=len(self.client.pending()))
-        self._teardown(sentinel=True)
-        _live.discard(self)
+        restore = self._arm_force_on_sigint()
+        try:
+            with phase_timer("proxy", "shutdown", drain=drain, pending=len(self.client.pending())):
+                if drain:
+                    deadline = time.monotonic() + timeout
+                    for s in self.client.pending():
+                        left = deadline - time.monotonic()
+                        if left <= 0 or self._force.is_set():
+                            break
+                        try:
+                            s.result(left)
+                        except TimeoutError:
+                            break
+                    trace("proxy", "drain_wait_done", pending=len(self.client.pending()))
+                self._teardown(sentinel=True)
+        finally:
+            restore()
+            _live.discard(self)
+
+    def _arm_force_on_sigint(self):
+        """In the main thread, a Ctrl-C during shutdown kills the workers at once instead of raising."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def force(signum: int, frame: object) -> None:
+            trace("proxy", "forced", signum=signum)
+            self._force.set()
+            if self.workers is not None:
+                self.workers.kill_group(signal.SIGKILL)
+
+        try:
+            previous = signal.signal(signal.SIGINT, force)
+        except ValueError:  # not the main interpreter
+            return lambda: None
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _wait(self, done, timeout: float) -> bool:
+        """Waits for ``done()`` up to ``timeout``, or until a forced shutdown."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self._force.is_set() or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def _teardown(self, sentinel: bool) -> None:
         alive = self.client.dead is None and (self.workers is None or self.workers.poll() is None)
         if sentinel and alive:
             sent = any(self.client.send(wire.Shutdown(drain=False)) for _ in range(3))
             trace("proxy", "sentinel", outcome="SENT" if sent else "FAILED")
-            got = self.client.goodbye.wait(10.0)
+            got = self._wait(self.client.goodbye.is_set, 10.0)
             trace("proxy", "wait_goodbye", outcome="ok" if got else "timeout")
         else:
-            trace("proxy", "sentinel", outcome="SKIPPED", why="workers not alive" if sentinel else "startup failed")
+            why = "startup failed" if not sentinel else f"workers not alive: {(self.client.dead or '').splitlines()[:1]}"
+            trace("proxy", "sentinel", outcome="SKIPPED", why=why)
         for s in self.client.pending():
             s.fail("abort", "the engine was shut down")
         trace("proxy", "pending_aborted")
         if self.workers is not None:
-            code = self.workers.wait(10.0)
-            trace("proxy", "wait_workers", outcome="exited" if code is not None else "timeout", code=code)
+            exited = self._wait(lambda: self.workers.poll() is not None, 10.0)
+            trace("proxy", "wait_workers", outcome="exited" if exited else "timeout", code=self.workers.poll())
         self.client.close()
         if self.workers is not None:
             code = self.workers.stop()

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     trace("worker", "ready")
 
     failure: list[BaseException] = []
+    loop_done = threading.Event()
 
     def loop() -> None:
         try:
@@ -195,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             failure.append(e)
             traceback.print_exc()
+        finally:
+            loop_done.set()
 
     thread = threading.Thread(target=loop, name="executor-loop")
     thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)  # bounded joins keep the main thread responsive to signals
+    while not loop_done.wait(timeout=0.5):  # bounded waits keep the main thread responsive to signals
+        pass
+    thread.join()
     trace("executor_loop", "thread_joined", iterations=executor.iteration)
     if failure:
         msg = f"rank {rank}: {type(failure[0]).__name__}: {failure[0]}"

@@ -44,6 +44,7 @@ class Rank0IO:
         self.outbox: queue.Queue[wire.Message | None] = queue.Queue()
         self.ready: wire.Ready | None = None
         self.stop_intake = threading.Event()
+        self.proxy_lost = False
         self.sent_dropped = 0
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
@@ -83,7 +84,7 @@ class Rank0IO:
                     requests.put(msg)
                     trace("request_queue", "shutdown_enqueued")
             elif not ending and last_seen is not None and time.monotonic() - last_seen > self.heartbeat_timeout:
-                ending = True
+                ending = self.proxy_lost = True
                 trace("worker", "proxy_lost", silent_s=round(time.monotonic() - last_seen, 3))
                 requests.put(wire.Shutdown(drain=False))
                 trace("request_queue", "shutdown_enqueued", reason="proxy_lost")
@@ -106,6 +107,7 @@ class Rank0IO:
         if self._intake is not None:
             self._intake.join(timeout)
         self.pull.close(linger=0)
-        self.push.close(linger=int(timeout * 1000) if not self._sender.is_alive() else 0)
+        # A live proxy takes what is queued at once; a lost one never will, so do not wait for it.
+        self.push.close(linger=0 if self.proxy_lost or self._sender.is_alive() else 1000)
         self.ctx.term()
         trace("worker", "sockets_closed", pid=os.getpid(), dropped_frames=self.codec.dropped)
