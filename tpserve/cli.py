@@ -1,4 +1,4 @@
-"""``tpserve`` commands: generate, make-model, convert-default, trace."""
+"""``tpserve`` commands: generate, serve, bench, make-model, convert-default, trace."""
 
 from __future__ import annotations
 
@@ -85,6 +85,31 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return trace_main(args.rest)
 
 
+def _delegate(prog: str, add_args, run, rest: list[str]) -> int:
+    """Subcommands with heavy imports (FastAPI, matplotlib) parse their own options, loaded on use."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_args(parser)
+    return run(parser.parse_args(rest))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tpserve.server.run import add_serve_args, serve_main
+
+    return _delegate("tpserve serve", add_serve_args, serve_main, args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.kind == "latency":
+        from tpserve.bench.latency import add_bench_latency_args, bench_latency_main
+
+        command = "tpserve bench latency " + " ".join(args.rest)
+        return _delegate("tpserve bench latency", add_bench_latency_args,
+                         lambda a: bench_latency_main(a, command.strip()), args.rest)
+    from tpserve.bench.serve import add_bench_serve_args, bench_serve_main
+
+    return _delegate("tpserve bench serve", add_bench_serve_args, bench_serve_main, args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tpserve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("trace", help="merge shutdown traces into one timeline", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=cmd_trace)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_serve)
+
+    b = sub.add_parser("bench", help="benchmarks: latency (TTFT by loop mode), serve (HTTP client)")
+    b.add_argument("kind", choices=["latency", "serve"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
     return args.fn(args)

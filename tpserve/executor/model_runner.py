@@ -30,14 +30,15 @@ class ModelRunner:
         from_device: list[tuple[int, int]] = []  # (index in ids, row in prev_tokens)
         for seq in batch.seqs:
             req = seq.request
-            known = req.prompt_token_ids + req.output_token_ids
-            for pos in range(seq.start_pos, seq.start_pos + seq.num_tokens):
-                if pos < len(known):
-                    ids.append(known[pos])
-                else:  # the pending token: sampled last step, still on the device
-                    assert prev_rows is not None and prev_tokens is not None
-                    from_device.append((len(ids), prev_rows[req.request_id]))
-                    ids.append(0)
+            start, end = seq.start_pos, seq.start_pos + seq.num_tokens
+            prompt, outputs = req.prompt_token_ids, req.output_token_ids
+            n_prompt = len(prompt)
+            ids.extend(prompt[start:end])
+            ids.extend(outputs[max(start - n_prompt, 0) : max(end - n_prompt, 0)])
+            if end > n_prompt + len(outputs):  # the pending token: sampled last step, still on the device
+                assert prev_rows is not None and prev_tokens is not None
+                from_device.append((len(ids), prev_rows[req.request_id]))
+                ids.append(0)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
         if from_device:
             where, rows = zip(*from_device, strict=True)

@@ -126,6 +126,9 @@ def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The socket threads beside the busy loop need the GIL to send: at the default 5 ms switch interval
+    # a response waits up to 5 ms behind the loop's Python work, most of a CPU step's TTFT.
+    sys.setswitchinterval(0.0005)
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     os.environ.setdefault("TPSERVE_RANK", str(rank))

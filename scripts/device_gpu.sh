@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU runs of docs/benchmarks.md, for the device machine (2 GPUs): wheels from .whl (pyzmq, gguf,
+# fastapi stack), the default model's GGUF in two carried parts (.devmodel/a, .devmodel/b). Stage 1:
+# parity over NCCL + the Qwen3-0.6B-shaped latency bench; stage 2: the default model.
+set -uo pipefail
+stage=$1
+S=/tmp/site
+[ -d $S ] || python3 -m pip install -q --no-index --no-deps --target $S .whl/*.whl
+export PYTHONPATH=$S:$PWD PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TPSERVE_CACHE_DIR=/tmp/tpserve-cache
+OUT=${OUT:-/tmp/out}
+nvidia-smi -L
+python3 -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'
+if [ "$stage" = 1 ]; then
+  cp .devmodel/a/part1 /tmp/gguf.part1
+  python3 -m tpserve.cli make-model /tmp/m/llama-small --arch llama --size small --no-tokenizer
+  python3 -m tpserve.cli generate "ignored" --model /tmp/m/llama-small --max-tokens 8 2>&1 | tail -2 || true
+  python3 scripts/gpu_parity.py /tmp/m/llama-small --tp 2 2>&1 | tail -20 | tee $OUT/parity.txt
+  python3 -m tpserve.cli bench latency --model qwen3-0.6b-random --label gpu-qwen3 --doc $OUT/bench.md \
+    --plot $OUT/bench_latency_gpu_qwen3.png --json $OUT/bench_qwen3.json --rounds 2 2>&1 | tail -20
+else
+  cat /tmp/gguf.part1 .devmodel/b/part2 > /tmp/smol.gguf
+  python3 -c "
+from pathlib import Path
+from tpserve.model.default_model import cache_dir, convert_gguf
+convert_gguf(Path('/tmp/smol.gguf'), cache_dir() / 'models' / 'SmolLM2-135M-Instruct')"
+  python3 -m tpserve.cli generate "What is the capital of France?" --chat --max-tokens 64 2>&1 | tee $OUT/generate.txt
+  python3 -m tpserve.cli bench latency --model default --label gpu-default --doc $OUT/bench.md \
+    --plot $OUT/bench_latency_gpu_default.png --json $OUT/bench_default.json --rounds 2 2>&1 | tail -20
+fi

@@ -1,0 +1,248 @@
+"""``tpserve bench latency``: TTFT (and its parts), inter-token latency and throughput of the plain loop,
+the overlap loop and overlap + early first-token emission, side by side in one run.
+
+All modes' engines are up at once and the runs interleave (mode after mode, round after round), so a
+noisy machine affects every mode alike. Requests are closed-loop: C clients, each sending its next
+request when the last one ends; prompts are fixed-length random token ids; ignore_eos fixes lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from tpserve import LLM, RequestOutput, SamplingParams
+
+MODES = {
+    "plain": {"enable_overlap": False},
+    "overlap": {"enable_overlap": True, "early_first_token": False},
+    "overlap+early": {"enable_overlap": True, "early_first_token": True},
+}
+PARTS = [  # TTFT = the sum of these hops, from the request's metrics
+    ("to rank 0", "arrival_proxy", "arrival_rank0"),
+    ("wait for batch", "arrival_rank0", "first_scheduled"),
+    ("compute", "first_scheduled", "first_token_host"),
+    ("host to publish", "first_token_host", "first_token_published"),
+    ("publish to user", "first_token_published", "first_token_received"),
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def run_load(llm: LLM, concurrency: int, num_requests: int, input_len: int, output_len: int, seed: int,
+             vocab: int) -> tuple[list[RequestOutput], float]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(num_requests)]
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    outputs: list[RequestOutput] = []
+    lock = threading.Lock()
+    todo = iter(prompts)
+
+    def client() -> None:
+        while True:
+            with lock:
+                prompt = next(todo, None)
+            if prompt is None:
+                return
+            stream = llm.generate_stream(prompt, params)
+            for _ in stream:
+                pass
+            with lock:
+                outputs.append(stream.output)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return outputs, time.perf_counter() - start
+
+
+def summarize(outputs: list[RequestOutput], wall: float) -> dict:
+    ttft = [o.metrics.ttft * 1000 for o in outputs if o.metrics.ttft is not None]
+    itl = []
+    for o in outputs:
+        times = o.metrics.chunk_times
+        itl += [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
+    parts = {}
+    for name, a, b in PARTS:
+        vals = [(getattr(o.metrics, b) - getattr(o.metrics, a)) * 1000 for o in outputs
+                if getattr(o.metrics, a) is not None and getattr(o.metrics, b) is not None]
+        parts[name] = statistics.median(vals) if vals else float("nan")
+    tokens = sum(len(o.token_ids) for o in outputs)
+    return {
+        "requests": len(outputs), "errors": sum(o.error is not None for o in outputs),
+        "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90), "ttft_p99": percentile(ttft, 99),
+        "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99),
+        "tokens_per_s": tokens / wall, "ttft_parts_p50": parts,
+    }
+
+
+def bench_model(name: str, model: str | None, args: argparse.Namespace) -> dict:
+    engines = {}
+    try:
+        for mode in args.modes:
+            engines[mode] = LLM(model=model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
+                                max_batch_size=max(args.concurrency), max_seq_len=args.input_len + args.output_len + 8,
+                                **MODES[mode])
+        info = next(iter(engines.values())).info
+        vocab = min(info["vocab_size"], 49152)
+        for llm in engines.values():  # warm-up: first-touch allocations, kernels, caches
+            run_load(llm, 2, 4, args.input_len, 8, 0, vocab)
+        raw: dict[str, dict[int, list]] = {m: {c: [] for c in args.concurrency} for m in args.modes}
+        walls: dict[str, dict[int, float]] = {m: dict.fromkeys(args.concurrency, 0.0) for m in args.modes}
+        for rnd in range(args.rounds):
+            for c in args.concurrency:
+                n = max(args.min_requests, c * args.requests_per_client)
+                for mode in args.modes:
+                    outs, wall = run_load(engines[mode], c, n, args.input_len, args.output_len, 1000 * rnd + c, vocab)
+                    raw[mode][c] += outs
+                    walls[mode][c] += wall
+        results = {m: {c: summarize(raw[m][c], walls[m][c]) for c in args.concurrency} for m in args.modes}
+        return {"model": name, "device": info["device"], "dtype": info["dtype"], "tp": args.tp, "results": results}
+    finally:
+        for llm in engines.values():
+            llm.shutdown()
+
+
+def table(run: dict) -> str:
+    rows = ["| mode | conc | TTFT p50 | p90 | p99 | ITL p50 | ITL p99 | out tok/s | TTFT parts p50 (ms): "
+            + ", ".join(p for p, _, _ in PARTS) + " |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, by_c in run["results"].items():
+        for c, r in by_c.items():
+            parts = " / ".join(f"{v:.2f}" for v in r["ttft_parts_p50"].values())
+            rows.append(f"| {mode} | {c} | {r['ttft_p50']:.1f} | {r['ttft_p90']:.1f} | {r['ttft_p99']:.1f} | "
+                        f"{r['itl_p50']:.2f} | {r['itl_p99']:.2f} | {r['tokens_per_s']:.1f} | {parts} |")
+    return "\n".join(rows)
+
+
+def ratios(run: dict) -> str:
+    res = run["results"]
+    lines = []
+    for c in next(iter(res.values())):
+        bits = []
+        if "plain" in res and "overlap" in res:
+            bits.append(f"overlap/plain tok/s {res['overlap'][c]['tokens_per_s'] / res['plain'][c]['tokens_per_s']:.2f}x")
+        if "plain" in res and "overlap+early" in res:
+            bits.append(f"overlap+early/plain TTFT p50 {res['overlap+early'][c]['ttft_p50'] / res['plain'][c]['ttft_p50']:.2f}x")
+        if "overlap" in res and "overlap+early" in res:
+            saved = res["overlap"][c]["ttft_p50"] - res["overlap+early"][c]["ttft_p50"]
+            bits.append(f"early saves {saved:.2f} ms TTFT p50 (= {saved / res['overlap'][c]['itl_p50']:.2f} iterations)")
+        lines.append(f"- concurrency {c}: " + "; ".join(bits))
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs, strict=True):
+        res = run["results"]
+        concs = list(next(iter(res.values())))
+        width = 0.8 / len(res)
+        for i, (mode, by_c) in enumerate(res.items()):
+            xs = [j + i * width for j in range(len(concs))]
+            row[0].bar(xs, [by_c[c]["ttft_p50"] for c in concs], width, label=mode)
+            row[1].bar(xs, [by_c[c]["tokens_per_s"] for c in concs], width, label=mode)
+        for ax, title in zip(row, ("TTFT p50 (ms)", "output tokens/s"), strict=True):
+            ax.set_xticks([j + width * (len(res) - 1) / 2 for j in range(len(concs))], [f"conc {c}" for c in concs])
+            ax.set_title(f"{run['model']} ({run['device']}, {run['dtype']}, TP {run['tp']}): {title}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_report(runs: list[dict], args: argparse.Namespace, command: str) -> str:
+    label = args.label
+    body = [f"### {label}", "", f"Command: `{command}`", "",
+            f"Input {args.input_len} tokens, output {args.output_len} tokens (ignore_eos), {args.rounds} rounds "
+            "interleaved across modes; times in ms.", ""]
+    for run in runs:
+        body += [f"**{run['model']}** on {run['device']} ({run['dtype']}, TP {run['tp']})", "", table(run), "",
+                 ratios(run), ""]
+    if args.plot:
+        body += [f"![TTFT and throughput]({Path(args.plot).name})", ""]
+    return "\n".join(body)
+
+
+def update_doc(doc: Path, label: str, section: str) -> None:
+    """Replaces this label's section of docs/benchmarks.md (between markers), keeping the others."""
+    begin, end = f"<!-- bench-latency:{label} -->", f"<!-- /bench-latency:{label} -->"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text, encoding="utf-8")
+
+
+def add_bench_latency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=None,
+                   help="model directory (repeatable); default: the built-in model and a random Qwen3-0.6B-shaped one")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--label", default="cpu", help="section name in the report (e.g. cpu, h100)")
+    p.add_argument("--doc", default="docs/benchmarks.md")
+    p.add_argument("--plot", default=None, help="PNG path (default: docs/bench_latency_<label>.png)")
+    p.add_argument("--json", default=None)
+
+
+def bench_latency_main(args: argparse.Namespace, command: str = "tpserve bench latency") -> int:
+    from tpserve.model.default_model import cache_dir
+    from tpserve.model.random_model import make_model
+
+    models: list[tuple[str, str | None]] = []
+    for m in args.model or ["default", "qwen3-0.6b-random"]:
+        if m == "default":
+            models.append(("SmolLM2-135M-Instruct", None))
+        elif m == "qwen3-0.6b-random":
+            path = cache_dir() / "bench-models" / "qwen3-0.6b-random"
+            if not (path / "config.json").exists():
+                make_model(path, "qwen3", size="qwen3-0.6b", seed=0)
+            models.append(("Qwen3-0.6B-shaped (random)", str(path)))
+        else:
+            models.append((Path(m).name, m))
+    args.plot = args.plot or f"docs/bench_latency_{args.label}.png"
+    runs = []
+    for name, path in models:
+        runs.append(bench_model(name, path, args))
+        print(f"\n{name}\n{table(runs[-1])}\n{ratios(runs[-1])}", flush=True)
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    plot(runs, Path(args.plot))
+    update_doc(Path(args.doc), args.label, write_report(runs, args, command))
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tpserve.bench.latency")
+    add_bench_latency_args(parser)
+    sys.exit(bench_latency_main(parser.parse_args(), "python -m tpserve.bench.latency " + " ".join(sys.argv[1:])))
