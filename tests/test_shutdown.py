@@ -15,21 +15,11 @@ import pytest
 from helpers import ROOT, built_model
 
 from tpserve import LLM, EngineDeadError, SamplingParams
+from tpserve.proxy.launcher import session_pids
 from tpserve.trace_view import load
 from tpserve.trace_view import main as trace_main
 
 LONG = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid:
-                pids.append(p.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return pids
 
 
 def wait_gone(sid: int, timeout: float) -> float:

@@ -39,6 +39,19 @@ def mpirun_path() -> str:
     return found
 
 
+def session_pids(sid: int) -> list[int]:
+    """Every live process of session ``sid``: Open MPI 5 puts each rank in a process group of its own,
+    so mpirun's session (from ``start_new_session``), not its group, is what holds them all."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
 class WorkerProcess:
     """mpirun and its ranks, in a process group of their own so that one signal reaches all of them."""
 
@@ -72,16 +85,7 @@ class WorkerProcess:
             return None
 
     def session_pids(self) -> list[int]:
-        """Every process of mpirun's session: Open MPI 5 puts each rank in a process group of its own,
-        so the session (started by ``start_new_session``), not the group, is what holds them all."""
-        found = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == self.pid:
-                    found.append(p.pid)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                continue
-        return found
+        return session_pids(self.pid)
 
     def kill_group(self, sig: int) -> None:
         """Signals mpirun's process group and every other process of its session."""
