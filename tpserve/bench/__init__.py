@@ -1,0 +1,1 @@
+"""Benchmarks run against a live tpserve (or any OpenAI-compatible) server: ``tpserve bench serve``."""

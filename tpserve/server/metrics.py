@@ -1,0 +1,67 @@
+"""Prometheus metrics of one server: request outcomes and latencies counted here, the engine's load read
+from ``LLM.stats()`` at scrape time. A registry per app, so several apps in one process never collide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+OUTCOMES = ("stop", "length", "abort", "error", "rejected")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class EngineCollector(Collector):
+    """Gauges of the engine's load, read when Prometheus scrapes (no thread polls the engine)."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.stats()
+        for name, key, doc in (
+            ("tpserve_num_requests_running", "running", "Requests in the engine's running batch."),
+            ("tpserve_num_requests_waiting", "waiting", "Requests queued in the engine for a batch slot."),
+            ("tpserve_iteration_time_seconds", "iteration_time_s", "Recent mean time of one engine iteration."),
+            ("tpserve_kv_cache_usage_ratio", "kv_cache_usage", "Fraction of the KV cache in use (0 to 1)."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0.0))
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tpserve_requests", "Requests by outcome (finish reason, or rejected).",
+                                ["outcome"], registry=r)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)  # every series exists from the start, so rates work at once
+        self.prompt_tokens = Counter("tpserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generation_tokens = Counter("tpserve_generation_tokens", "Tokens generated.", registry=r)
+        self.ttft = Histogram("tpserve_time_to_first_token_seconds", "From request receipt to its first token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tpserve_inter_token_latency_seconds",
+                             "Time between tokens (a chunk's gap shared by its tokens).",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tpserve_e2e_request_latency_seconds", "From request receipt to its end.",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        r.register(EngineCollector(stats))
+
+    def observe(self, outcome: str, prompt_tokens: int, ttft: float | None, token_times: Sequence[tuple[float, int]],
+                e2e: float) -> None:
+        """One finished choice: ``token_times`` holds (receipt time, tokens) of each chunk that carried tokens."""
+        self.requests.labels(outcome if outcome in OUTCOMES else "error").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(sum(n for _, n in token_times))
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        for (before, _), (t, n) in zip(token_times, token_times[1:], strict=False):  # gap shared by the chunk
+            for _ in range(n):
+                self.itl.observe((t - before) / n)
+        self.e2e.observe(e2e)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
