@@ -7,7 +7,8 @@ import sys
 import time
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine options every command that starts an LLM shares (generate, serve)."""
     p.add_argument("--model", default=None, help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (MPI ranks)")
     p.add_argument("--device", default="auto")
@@ -20,7 +21,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", default=None, help="attach to workers through this connection file")
 
 
-def _make_llm(args: argparse.Namespace):
+def make_llm(args: argparse.Namespace):
     from tpserve import LLM
 
     return LLM(
@@ -34,7 +35,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tpserve import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    with _make_llm(args) as llm:
+    with make_llm(args) as llm:
         prompt = args.prompt
         if args.chat:
             if llm.tokenizer is None:
@@ -79,10 +80,10 @@ def cmd_convert_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
+def cmd_trace(rest: list[str]) -> int:
     from tpserve.trace_view import main as trace_main
 
-    return trace_main(args.rest)
+    return trace_main(rest)
 
 
 def _delegate(prog: str, add_args, run, rest: list[str]) -> int:
@@ -92,22 +93,29 @@ def _delegate(prog: str, add_args, run, rest: list[str]) -> int:
     return run(parser.parse_args(rest))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(rest: list[str]) -> int:
     from tpserve.server.run import add_serve_args, serve_main
 
-    return _delegate("tpserve serve", add_serve_args, serve_main, args.rest)
+    return _delegate("tpserve serve", add_serve_args, serve_main, rest)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.kind == "latency":
+def cmd_bench(rest: list[str]) -> int:
+    kind, rest = (rest[0], rest[1:]) if rest else ("", [])
+    if kind == "latency":
         from tpserve.bench.latency import add_bench_latency_args, bench_latency_main
 
-        command = "tpserve bench latency " + " ".join(args.rest)
+        command = " ".join(["tpserve bench latency", *rest])
         return _delegate("tpserve bench latency", add_bench_latency_args,
-                         lambda a: bench_latency_main(a, command.strip()), args.rest)
-    from tpserve.bench.serve import add_bench_serve_args, bench_serve_main
+                         lambda a: bench_latency_main(a, command), rest)
+    if kind == "serve":
+        from tpserve.bench.serve import add_bench_serve_args, bench_serve_main
 
-    return _delegate("tpserve bench serve", add_bench_serve_args, bench_serve_main, args.rest)
+        return _delegate("tpserve bench serve", add_bench_serve_args, bench_serve_main, rest)
+    print("usage: tpserve bench {latency,serve} [options]", file=sys.stderr)
+    return 2
+
+
+DELEGATED = {"serve": cmd_serve, "bench": cmd_bench, "trace": cmd_trace}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _engine_args(g)
+    add_engine_args(g)
     g.set_defaults(fn=cmd_generate)
 
     m = sub.add_parser("make-model", help="build a small random-weight model of a real architecture")
@@ -134,19 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("convert-default", help="convert the default model once and print its directory")
     c.set_defaults(fn=cmd_convert_default)
 
-    t = sub.add_parser("trace", help="merge shutdown traces into one timeline", add_help=False)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(fn=cmd_trace)
+    # These parse their own options (see DELEGATED); listed here for the help text.
+    sub.add_parser("trace", help="merge shutdown traces into one timeline: tpserve trace DIR")
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    sub.add_parser("bench", help="benchmarks: tpserve bench latency | tpserve bench serve")
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_serve)
-
-    b = sub.add_parser("bench", help="benchmarks: latency (TTFT by loop mode), serve (HTTP client)")
-    b.add_argument("kind", choices=["latency", "serve"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=cmd_bench)
-
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]](argv[1:])
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -54,6 +54,10 @@ class InFlight:
     event: torch.cuda.Event | None
     rows: dict[int, int] = field(default_factory=dict)  # request_id -> row in ``tokens``
 
+    def ready(self) -> bool:
+        """Whether the host copy is complete, without waiting (always on CPU, where it is synchronous)."""
+        return self.event is None or self.event.query()
+
 
 class Executor:
     def __init__(
@@ -143,18 +147,31 @@ class Executor:
 
     def _step_overlap(self, batch: ScheduledBatch) -> None:
         prev = self.prev
+        early = self.config.early_first_token
+        # Early emission as early as the host can know: when k-1's sampled tokens are already on the host
+        # (a launch-bound GPU finished long ago; CPU runs synchronously), emit before launching k, whose
+        # launch alone can take a whole step; otherwise right after launching k, as the timeline says.
+        emitted = early and (prev is None or prev.ready())
+        if emitted:
+            self._emit_early(prev)
         logits = None
         if batch:
             self._log("forward")
             logits = self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
-        if prev is not None:
+        if early and not emitted:
+            self._emit_early(prev)
+        elif not early and prev is not None:
             self._update(prev)
-        if self.config.early_first_token:
-            self._publish(self._first_token_deltas(prev) if prev else [], "early")
         self.prev = self._launch_sampling(batch, logits) if logits is not None else None
         if prev is not None:
             self._process(prev)
         self._flush()
+
+    def _emit_early(self, prev: InFlight | None) -> None:
+        """Updates k-1 and publishes its first tokens: the one early publish of every iteration."""
+        if prev is not None:
+            self._update(prev)
+        self._publish(self._first_token_deltas(prev) if prev else [], "early")
 
     # -- items -----------------------------------------------------------------------------------------
 

@@ -14,32 +14,11 @@ from types import FrameType
 
 import uvicorn
 
+from tpserve.cli import add_engine_args, make_llm
 from tpserve.errors import WorkerStartupError
-from tpserve.proxy.llm import LLM
 from tpserve.server.app import OpenAIServer, create_app
 
 GRACE_S = 30.0  # how long in-flight responses get to end after the signal
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (MPI ranks)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--stream-interval", type=int, default=1)
-    p.add_argument("--no-overlap", dest="enable_overlap", action="store_false")
-    p.add_argument("--no-early-first-token", dest="early_first_token", action="store_false")
-    p.add_argument("--connect", default=None, help="attach to workers through this connection file")
-
-
-def make_llm(args: argparse.Namespace) -> LLM:
-    return LLM(
-        model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
-        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, stream_interval=args.stream_interval,
-        enable_overlap=args.enable_overlap, early_first_token=args.early_first_token, connect=args.connect,
-    )
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
