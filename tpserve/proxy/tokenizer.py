@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ class Tokenizer:
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most text one token can stand for: bounds a prompt's tokens from its length before encoding."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
@@ -46,23 +52,27 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Text deltas for a growing token list whose concatenation is exactly the decoded text: a tail that
-    decodes to U+FFFD (an incomplete UTF-8 sequence) is held back until later tokens complete it."""
+    """Text deltas for a growing token list whose concatenation is the decoded text, exactly once.
+
+    Only a short window is decoded per step (from the last point where the text was complete), so a
+    long output costs linear time; a tail that decodes to U+FFFD (an incomplete UTF-8 sequence) is held
+    back until later tokens complete it, or until the end."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0  # start of the decode window
+        self.read = 0  # ids before this are in the emitted text
 
     def add(self, new_ids: list[int], final: bool) -> str:
         self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids)
-        if not final and text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")
-        if not text.startswith(self.emitted):  # a decoder that rewrote earlier text: keep what was sent
-            text = self.emitted + text[len(self.emitted):]
-        delta = text[len(self.emitted):]
-        self.emitted = text
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read])
+        text = decode(self.ids[self.prefix :])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        delta = text[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
         return delta
 
 

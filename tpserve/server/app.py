@@ -102,7 +102,7 @@ class OpenAIServer:
         # No token spans more characters than the longest vocabulary entry, so a longer text cannot fit the
         # context: it is refused before encoding, which holds the GIL (a few MB would stall every stream).
         tok = llm.tokenizer
-        longest = max(map(len, tok._tok.get_vocab(with_added_tokens=True)), default=1) if tok is not None else 1
+        longest = tok.max_token_chars if tok is not None else 1
         self.max_prompt_chars = self.max_seq_len * longest
 
     def unavailable(self) -> str | None:
