@@ -6,6 +6,7 @@ Overlap iteration k (the device keeps batch k-1's sampled tokens, so launching k
   2 launch forward k (inputs from k-1's tokens still on the device)
   3 update the requests of k-1 (wait for k-1's sampling event while the device runs forward k)
   4 early emission: publish the responses of every request whose first token came from k-1
+    (when those tokens are already on the host at step 1, steps 3-4 run before step 2: see below)
   5 launch sampling k (device -> pinned host copy + event)
   6 process k-1: the other responses, free what finished
 Symmetry rule: every publish point publishes on every rank, an empty list where there is nothing, so
@@ -53,6 +54,7 @@ class InFlight:
     host_tokens: torch.Tensor  # pinned host copy, valid after ``event``
     event: torch.cuda.Event | None
     rows: dict[int, int] = field(default_factory=dict)  # request_id -> row in ``tokens``
+    has_first_tokens: bool = False  # some request gets its first token from this step
 
     def ready(self) -> bool:
         """Whether the host copy is complete, without waiting (always on CPU, where it is synchronous)."""
@@ -148,10 +150,11 @@ class Executor:
     def _step_overlap(self, batch: ScheduledBatch) -> None:
         prev = self.prev
         early = self.config.early_first_token
-        # Early emission as early as the host can know: when k-1's sampled tokens are already on the host
-        # (a launch-bound GPU finished long ago; CPU runs synchronously), emit before launching k, whose
-        # launch alone can take a whole step; otherwise right after launching k, as the timeline says.
-        emitted = early and (prev is None or prev.ready())
+        # Early emission as early as the host can know: when k-1 carries first tokens that are already on
+        # the host (a launch-bound GPU finished long ago; CPU runs synchronously), emit them before launching
+        # k, whose launch alone can take a whole step; otherwise right after launching k, as the timeline
+        # says. Iterations without first tokens keep the overlap order, so steady decoding loses nothing.
+        emitted = early and (prev is None or (prev.has_first_tokens and prev.ready()))
         if emitted:
             self._emit_early(prev)
         logits = None
@@ -241,10 +244,12 @@ class Executor:
         if pin:
             event = torch.cuda.Event()
             event.record()
+        has_first = any(not r.output_token_ids for r in requests)
         for req in requests:
             req.num_pending += 1
         self._log("sample_launch", rids=[r.request_id for r in requests])
-        return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)})
+        rows = {r.request_id: i for i, r in enumerate(requests)}
+        return InFlight(batch, requests, tokens, host, event, rows, has_first)
 
     def _update(self, step: InFlight) -> None:
         """Moves the step's sampled tokens into their requests and applies the stop checks."""
