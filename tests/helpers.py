@@ -101,3 +101,32 @@ def tpserve_processes_anywhere(marker: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def model_greedy(model, config, prompts: list[list[int]], max_new_tokens: int, chunk: int | None = None,
+                 tp_size: int = 1):
+    """Greedy decoding straight on the model room, all prompts in one batch: prompts in chunks of up to
+    ``chunk`` tokens, then decodes, so sequences still prefilling share forwards with decoding ones.
+    Returns the tokens and every step's logits (to check that ranks agree bit for bit)."""
+    import torch
+
+    from tpserve.model import AttentionMetadata, KVCache
+
+    kv = KVCache(config, tp_size, len(prompts), max(map(len, prompts)) + max_new_tokens, "cpu", torch.float32)
+    cached = [0] * len(prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    all_logits = []
+    active = list(range(len(prompts)))
+    while active:
+        pending = [(prompts[i] + outputs[i])[cached[i]:][:chunk] for i in active]
+        meta, positions = AttentionMetadata.build(active, [cached[i] for i in active], list(map(len, pending)), "cpu")
+        logits = model(torch.tensor(sum(pending, [])), positions, meta, kv)
+        assert logits.shape == (len(active), config.vocab_size) and logits.dtype == torch.float32
+        all_logits.append(logits)
+        for row, (i, new) in enumerate(zip(active, pending, strict=True)):
+            cached[i] += len(new)
+            if cached[i] == len(prompts[i]) + len(outputs[i]):
+                outputs[i].append(int(logits[row].argmax()))
+        active = [i for i in active
+                  if len(outputs[i]) < max_new_tokens and not (outputs[i] and outputs[i][-1] in config.eos_token_ids)]
+    return outputs, all_logits

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import hf_greedy, model_greedy
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from tpserve.model import AttentionMetadata, KVCache, ModelConfig, TPContext, load_model, make_model
@@ -32,49 +33,6 @@ MODELS = [
 ]
 
 
-def greedy(
-    model: torch.nn.Module, config: ModelConfig, prompts: list[list[int]], chunk: int | None = None
-) -> list[list[int]]:
-    """Greedy decoding of all prompts in one batch: prompts in chunks of up to `chunk` tokens, then decodes.
-
-    Sequences still prefilling share forwards with sequences already decoding (mixed batches).
-    """
-    max_len = max(map(len, prompts)) + MAX_NEW_TOKENS
-    kv = KVCache(config, 1, len(prompts), max_len, "cpu", torch.float32)
-    cached = [0] * len(prompts)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    while active:
-        pending = [(prompts[i] + outputs[i])[cached[i] :][:chunk] for i in active]
-        meta, positions = AttentionMetadata.build(
-            active, [cached[i] for i in active], list(map(len, pending)), "cpu"
-        )
-        logits = model(torch.tensor(sum(pending, [])), positions, meta, kv)
-        for row, (i, new) in enumerate(zip(active, pending, strict=True)):
-            cached[i] += len(new)
-            if cached[i] == len(prompts[i]) + len(outputs[i]):
-                outputs[i].append(int(logits[row].argmax()))
-        active = [
-            i
-            for i in active
-            if len(outputs[i]) < MAX_NEW_TOKENS
-            and not (outputs[i] and outputs[i][-1] in config.eos_token_ids)
-        ]
-    return outputs
-
-
-def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    result = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = hf.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS, do_sample=False
-        )
-        result.append(out[0, len(prompt) :].tolist())
-    return result
-
-
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
     root = tmp_path_factory.mktemp("models")
@@ -86,7 +44,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool
 
 @pytest.fixture(scope="session")
 def references(model_dirs: dict[tuple[str, bool], Path]) -> dict[tuple[str, bool], list[list[int]]]:
-    return {key: hf_greedy(path, PROMPTS) for key, path in model_dirs.items()}
+    return {key: [hf_greedy(path, p, MAX_NEW_TOKENS) for p in PROMPTS] for key, path in model_dirs.items()}
 
 
 @pytest.mark.parametrize("chunk", [None, 5], ids=["one-prefill", "chunked"])
@@ -100,7 +58,7 @@ def test_greedy_matches_hf(
     model, config = load_model(model_dirs[key], TPContext(), "cpu", torch.float32)
     assert config.arch == key[0] and config.tie_word_embeddings == key[1]
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == key[1]
-    assert greedy(model, config, PROMPTS, chunk) == references[key]
+    assert model_greedy(model, config, PROMPTS, MAX_NEW_TOKENS, chunk)[0] == references[key]
 
 
 def test_random_models_do_not_collapse(references: dict[tuple[str, bool], list[list[int]]]) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import hf_greedy, model_greedy
 from mpi4py import MPI
 
-from tpserve.model import SIZES, AttentionMetadata, KVCache, ModelConfig, TPContext, load_model, make_model
+from tpserve.model import SIZES, TPContext, load_model, make_model
 
 PROMPTS = [
     [5, 17, 300, 42, 9, 1000, 77],
@@ -55,59 +56,12 @@ def built() -> Iterator[dict[str, tuple[Path, list[list[int]]]]]:
         result = {}
         for arch, tie in MODELS.items():
             path = make_model(root / arch, arch, "tiny", seed=2, vocab_size=VOCAB, tie_word_embeddings=tie)
-            result[arch] = (path, _hf_greedy(path))
+            result[arch] = (path, [hf_greedy(path, p, MAX_NEW_TOKENS) for p in PROMPTS])
     result = comm.bcast(result, root=0)
     yield result
     comm.Barrier()
     if root is not None:
         shutil.rmtree(root)
-
-
-def _hf_greedy(model_dir: Path) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    result = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        out = hf.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS, do_sample=False
-        )
-        result.append(out[0, len(prompt) :].tolist())
-    return result
-
-
-def greedy(
-    model: torch.nn.Module, config: ModelConfig, tp: TPContext, chunk: int | None
-) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Greedy decoding of all prompts in one batch (prompts in chunks of up to `chunk` tokens, then decodes).
-
-    Returns the tokens and every step's logits, to check that ranks agree bit for bit.
-    """
-    kv = KVCache(config, tp.size, len(PROMPTS), max(map(len, PROMPTS)) + MAX_NEW_TOKENS, "cpu", torch.float32)
-    cached = [0] * len(PROMPTS)
-    outputs: list[list[int]] = [[] for _ in PROMPTS]
-    all_logits = []
-    active = list(range(len(PROMPTS)))
-    while active:
-        pending = [(PROMPTS[i] + outputs[i])[cached[i] :][:chunk] for i in active]
-        meta, positions = AttentionMetadata.build(
-            active, [cached[i] for i in active], list(map(len, pending)), "cpu"
-        )
-        logits = model(torch.tensor(sum(pending, [])), positions, meta, kv)
-        assert logits.shape == (len(active), config.vocab_size) and logits.dtype == torch.float32
-        all_logits.append(logits)
-        for row, (i, new) in enumerate(zip(active, pending, strict=True)):
-            cached[i] += len(new)
-            if cached[i] == len(PROMPTS[i]) + len(outputs[i]):
-                outputs[i].append(int(logits[row].argmax()))
-        active = [
-            i
-            for i in active
-            if len(outputs[i]) < MAX_NEW_TOKENS
-            and not (outputs[i] and outputs[i][-1] in config.eos_token_ids)
-        ]
-    return outputs, all_logits
 
 
 @pytest.mark.mpi(min_size=2)
@@ -122,7 +76,7 @@ def test_tp_greedy_matches_hf(
     model, config = load_model(path, tp, "cpu", torch.float32)
     assert config.vocab_size % tp.size != 0
     assert model.model.embed_tokens.weight.shape[0] == -(-VOCAB // tp.size)
-    tokens, logits = greedy(model, config, tp, chunk)
+    tokens, logits = model_greedy(model, config, PROMPTS, MAX_NEW_TOKENS, chunk, tp.size)
     assert tokens == reference
     gathered = MPI.COMM_WORLD.allgather(logits)
     assert all(all(torch.equal(a, b) for a, b in zip(other, logits, strict=True)) for other in gathered)

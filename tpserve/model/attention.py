@@ -76,6 +76,27 @@ class AttentionMetadata:
         return (keys[None, :] < self.context_lens[:, None])[:, None, None, :]
 
     @cached_property
+    def decode_group(self) -> DecodeGroup | None:
+        """In a mixed step, the single-token sequences, attended in one batch instead of one by one (a step
+        with any prefill would otherwise loop over every running sequence in every layer)."""
+        rows = [i for i, n in enumerate(self.query_lens) if n == 1]
+        if self.is_decode or len(rows) < 2:
+            return None
+        device = self.context_lens.device
+        host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+        index = host.to(device, non_blocking=True)
+        context_lens = self.context_lens.index_select(0, index)
+        max_len = max(self.context_lens_host[i] for i in rows)
+        keys = torch.arange(max_len, device=device)
+        return DecodeGroup(
+            rows=set(rows),
+            token_index=self.last_token_index.index_select(0, index),
+            slot_ids=self.slot_ids.index_select(0, index),
+            max_len=max_len,
+            key_mask=(keys[None, :] < context_lens[:, None])[:, None, None, :],
+        )
+
+    @cached_property
     def prefill_masks(self) -> list[torch.Tensor | None]:
         """Per sequence: causal mask [q, ctx] offset by the cached prefix, or None when no mask is needed.
 
@@ -90,6 +111,15 @@ class AttentionMetadata:
             queries = torch.arange(ctx - n, ctx, device=device)
             masks.append(torch.arange(ctx, device=device)[None, :] <= queries[:, None])
         return masks
+
+
+@dataclass
+class DecodeGroup:
+    rows: set[int]  # sequence indices
+    token_index: torch.Tensor  # [Sd] their tokens' indices into T
+    slot_ids: torch.Tensor  # [Sd]
+    max_len: int
+    key_mask: torch.Tensor  # [Sd, 1, 1, max_len]
 
 
 class KVCache:
@@ -140,19 +170,21 @@ class Attention(nn.Module):
         k_cache[meta.token_slots, positions] = k
         v_cache[meta.token_slots, positions] = v
         if meta.is_decode:
-            return self._decode(q, k_cache, v_cache, meta)
+            return self._decode(q, k_cache, v_cache, meta.slot_ids, max(meta.context_lens_host),
+                                meta.decode_key_mask).flatten(1)
         return self._prefill(q, k, v, k_cache, v_cache, meta)
 
     def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+        length: int, key_mask: torch.Tensor,
     ) -> torch.Tensor:
-        length = max(meta.context_lens_host)
-        keys = k_cache[meta.slot_ids, :length].transpose(1, 2)
-        values = v_cache[meta.slot_ids, :length].transpose(1, 2)
+        """One query per sequence, all sequences in one attention: [S, Hq, D]."""
+        keys = k_cache[slot_ids, :length].transpose(1, 2)
+        values = v_cache[slot_ids, :length].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=meta.decode_key_mask, scale=self.scale, enable_gqa=True
+            q.unsqueeze(2), keys, values, attn_mask=key_mask, scale=self.scale, enable_gqa=True
         )
-        return out.flatten(1)
+        return out.squeeze(2)
 
     def _prefill(
         self,
@@ -164,11 +196,19 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
+        group = meta.decode_group
+        if group is not None:
+            out[group.token_index] = self._decode(
+                q.index_select(0, group.token_index), k_cache, v_cache, group.slot_ids, group.max_len, group.key_mask
+            )
         start = 0
         for i, (n, ctx, mask) in enumerate(
             zip(meta.query_lens, meta.context_lens_host, meta.prefill_masks, strict=True)
         ):
             end = start + n
+            if group is not None and i in group.rows:
+                start = end
+                continue
             if n == ctx:  # no cached prefix: the new k/v are the whole context
                 keys, values = k[start:end], v[start:end]
             else:

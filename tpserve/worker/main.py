@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--max-num-tokens", type=int, default=None, help="token budget of one step")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="token budget of one step (default: max(max_seq_len, 2048)); longer prompts are chunked")
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-overlap", dest="enable_overlap", action="store_false")
@@ -99,7 +100,9 @@ def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
     executor = Executor(
         ex_config,
         RequestQueue(comm),
-        Scheduler(args.max_batch_size, args.max_num_tokens or max_seq_len),
+        # A budget of one prompt a step would admit one request per step: a burst of arrivals then waits
+        # out as many steps before its first token (seen at concurrency 32 as seconds of queueing).
+        Scheduler(args.max_batch_size, args.max_num_tokens or max(max_seq_len, 2048)),
         ModelRunner(model, kv, device),
         Sampler(device, args.seed),
         publish,
