@@ -21,12 +21,17 @@ serve_bench() {  # $1 model dir, $2 label: plain loop vs overlap + early, two re
       2>/dev/null && break; sleep 1; done
     for rate in 8 32; do
       python3 -m tpserve.cli bench serve --base-url http://127.0.0.1:8123 --input-len 512 --output-len 64 \
-        --num-prompts 200 --request-rate $rate --seed 0 --prompt-ids --disable-tqdm --result-dir $OUT/serve \
+        --num-prompts 120 --request-rate $rate --seed 0 --prompt-ids --disable-tqdm --result-dir $OUT/serve \
         --label "$2-$mode-rate$rate" --no-plots 2>&1 | tail -22
     done
     kill -TERM %1; wait
   done
 }
+if [ "$stage" = serve ]; then  # on the warm stage-3 machine
+  python3 -m pip install -q --no-index --no-deps --target $S .whl/opentelemetry*.whl .whl/importlib_metadata*.whl
+  serve_bench /tmp/m/Qwen3-0.6B-shaped-random qwen3
+  exit 0
+fi
 if [ "$stage" = 3 ]; then
   python3 -c "
 from tpserve.model.random_model import make_model

@@ -7,7 +7,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 
 import zmq
 
@@ -48,10 +47,8 @@ class EngineClient:
         self.dead: str | None = None
         self.goodbye = threading.Event()
         self.stop = threading.Event()
-        self.info: dict = {}
         self.stats: dict = {}
         self._dispatcher: threading.Thread | None = None
-        self.on_dead: Callable[[str], None] | None = None
 
     # -- start -------------------------------------------------------------------------------------------
 
@@ -66,7 +63,6 @@ class EngineClient:
             if self.pull.poll(POLL_MS):
                 msg = self.codec.decode(self.pull.recv_multipart())
                 if isinstance(msg, wire.Ready):
-                    self.info = msg.info
                     return msg.info
                 if isinstance(msg, wire.StartupError):
                     raise WorkerStartupError(msg.message, msg.traceback)

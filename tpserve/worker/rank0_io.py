@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -110,4 +109,4 @@ class Rank0IO:
         # A live proxy takes what is queued at once; a lost one never will, so do not wait for it.
         self.push.close(linger=0 if self.proxy_lost or self._sender.is_alive() else 1000)
         self.ctx.term()
-        trace("worker", "sockets_closed", pid=os.getpid(), dropped_frames=self.codec.dropped)
+        trace("worker", "sockets_closed", dropped_frames=self.codec.dropped, unsent=self.sent_dropped)
