@@ -48,6 +48,11 @@ def test_chunks_concatenate_to_the_result(llm):
     assert "".join(c.text for c in chunks) == s.output.text
     assert chunks[-1].finished and chunks[-1].finish_reason == "length"
     assert not any(c.finished for c in chunks[:-1])
+    m = s.output.metrics  # the parts of TTFT, in the order a first token travels
+    times = [m.arrival_proxy, m.arrival_rank0, m.first_scheduled, m.first_token_host, m.first_token_published,
+             m.first_token_received]
+    assert None not in times and times == sorted(times), times
+    assert len(m.chunk_times) == 7 and m.chunk_times[0] == m.first_token_received
 
 
 def test_seeded_sampling_is_reproducible(llm):
