@@ -216,3 +216,31 @@ class ConnectionInfo:
             return cls(d["request_addr"], d["response_addr"], bytes.fromhex(d["key"]))
         except (KeyError, ValueError) as e:
             raise ValueError(f"connection file {path} is malformed: {e}") from e
+
+
+HEARTBEAT_S = 1.0  # both ends send one this often, so either can tell silence from death
+
+
+def open_sockets(conn: ConnectionInfo, bind: bool, proxy_side: bool, send_timeout_ms: int):
+    """The two PUSH/PULL sockets of one end: the proxy pushes requests and pulls responses, rank 0 the
+    reverse. The binding end learns its real endpoints (``tcp://host:*`` picks free ports).
+    Returns (context, push, pull, the connection info with resolved addresses)."""
+    import zmq
+
+    ctx = zmq.Context(io_threads=1)
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    for sock in (push, pull):
+        sock.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    push_addr, pull_addr = (
+        (conn.request_addr, conn.response_addr) if proxy_side else (conn.response_addr, conn.request_addr)
+    )
+    if not bind:
+        push.connect(push_addr)
+        pull.connect(pull_addr)
+        return ctx, push, pull, conn
+    push.bind(push_addr)
+    pull.bind(pull_addr)
+    push_end, pull_end = push.getsockopt_string(zmq.LAST_ENDPOINT), pull.getsockopt_string(zmq.LAST_ENDPOINT)
+    request, response = (push_end, pull_end) if proxy_side else (pull_end, push_end)
+    return ctx, push, pull, ConnectionInfo(request, response, conn.key)

@@ -17,29 +17,13 @@ from tpserve.proxy.streams import RequestStream
 from tpserve.shutdown_trace import trace
 
 POLL_MS = 100
-HEARTBEAT_S = 1.0
 
 
 class EngineClient:
     def __init__(self, conn: wire.ConnectionInfo, bind: bool, workers: WorkerProcess | None,
                  silence_timeout: float = 4.0) -> None:
         self.codec = wire.Codec(conn.key)
-        self.ctx = zmq.Context(io_threads=1)
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.pull = self.ctx.socket(zmq.PULL)
-        for sock in (self.push, self.pull):
-            sock.setsockopt(zmq.LINGER, 0)
-        self.push.setsockopt(zmq.SNDTIMEO, 1000)
-        if bind:
-            self.push.bind(conn.request_addr)
-            self.pull.bind(conn.response_addr)
-            self.conn = wire.ConnectionInfo(
-                self.push.getsockopt_string(zmq.LAST_ENDPOINT), self.pull.getsockopt_string(zmq.LAST_ENDPOINT), conn.key
-            )
-        else:
-            self.push.connect(conn.request_addr)
-            self.pull.connect(conn.response_addr)
-            self.conn = conn
+        self.ctx, self.push, self.pull, self.conn = wire.open_sockets(conn, bind, proxy_side=True, send_timeout_ms=1000)
         self.workers = workers
         self.silence_timeout = silence_timeout
         self.streams: dict[int, RequestStream] = {}
@@ -107,7 +91,7 @@ class EngineClient:
             now = time.monotonic()
             if now >= next_heartbeat and not self.goodbye.is_set():
                 self.send(wire.Heartbeat(time.time()))
-                next_heartbeat = now + HEARTBEAT_S
+                next_heartbeat = now + wire.HEARTBEAT_S
             if self.pull.poll(POLL_MS):
                 msg = self.codec.decode(self.pull.recv_multipart())
                 last_heard = time.monotonic()

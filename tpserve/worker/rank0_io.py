@@ -15,30 +15,14 @@ from tpserve.shutdown_trace import trace
 
 POLL_MS = 100
 SEND_TIMEOUT_MS = 2000
-HEARTBEAT_S = 1.0
 
 
 class Rank0IO:
     def __init__(self, conn: wire.ConnectionInfo, bind: bool, heartbeat_timeout: float) -> None:
         self.codec = wire.Codec(conn.key)
-        self.ctx = zmq.Context(io_threads=1)
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.push = self.ctx.socket(zmq.PUSH)
-        for sock in (self.pull, self.push):
-            sock.setsockopt(zmq.LINGER, 0)
-        self.push.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-        if bind:
-            self.pull.bind(conn.request_addr)
-            self.push.bind(conn.response_addr)
-            self.conn = wire.ConnectionInfo(
-                self.pull.getsockopt_string(zmq.LAST_ENDPOINT),
-                self.push.getsockopt_string(zmq.LAST_ENDPOINT),
-                conn.key,
-            )
-        else:
-            self.pull.connect(conn.request_addr)
-            self.push.connect(conn.response_addr)
-            self.conn = conn
+        self.ctx, self.push, self.pull, self.conn = wire.open_sockets(
+            conn, bind, proxy_side=False, send_timeout_ms=SEND_TIMEOUT_MS
+        )
         self.heartbeat_timeout = heartbeat_timeout
         self.outbox: queue.Queue[wire.Message | None] = queue.Queue()
         self.ready: wire.Ready | None = None
@@ -65,7 +49,7 @@ class Rank0IO:
         while not self.stop_intake.is_set():
             if time.monotonic() >= next_heartbeat:  # so an attached proxy can tell silence from death
                 self.send(wire.Heartbeat(time.time()))
-                next_heartbeat = time.monotonic() + HEARTBEAT_S
+                next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
             if self.pull.poll(POLL_MS):
                 msg = self.codec.decode(self.pull.recv_multipart())
                 if msg is None:
