@@ -151,3 +151,19 @@ def test_many_threads_and_coroutines(llm):
         return await asyncio.gather(*[one(i % 2 == 0) for i in range(8)])
 
     assert asyncio.run(asyncio.wait_for(main(), 60)) == [expected] * 8
+
+
+def test_idle_ranks_sleep_instead_of_spinning(llm):
+    import psutil
+
+    llm.generate([prompt(1, 3)], GREEDY)
+    ranks = [p for p in psutil.Process(llm.workers.pid).children(recursive=True)
+             if "tpserve.worker" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    time.sleep(0.5)  # the last publish is out; the engine is idle
+    before = [sum(p.cpu_times()[:2]) for p in ranks]
+    time.sleep(2.0)
+    used = [sum(p.cpu_times()[:2]) - b for p, b in zip(ranks, before, strict=True)]
+    assert all(u < 0.2 for u in used), f"CPU seconds used in 2 s of idling, per rank: {used}"  # a spinner: ~2
+    out = llm.generate([prompt(2, 3)], GREEDY)[0]  # and the doorbell wakes every rank again
+    assert out.finish_reason == "length"

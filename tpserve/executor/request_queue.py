@@ -3,25 +3,76 @@
 from __future__ import annotations
 
 import queue
+import socket
 import time
 
 import numpy as np
+import zmq
 from mpi4py import MPI
 
 from tpserve import wire
 
-IDLE_POLL_S = 0.0005
+DOORBELL_FALLBACK_MS = 50  # an idle rank re-checks the broadcast this often even if a doorbell is lost
+DOORBELL_SETUP_S = 5.0
 
 
 class RequestQueue:
     """Items (submit, abort, shutdown) arrive on rank 0 from its intake thread; ``fetch`` hands the
-    same list to every rank once per iteration, with the same number of collectives on every rank."""
+    same list to every rank once per iteration, with the same number of collectives on every rank.
+
+    Idle costs nothing: Open MPI's blocking collectives busy-poll, so while no request is in flight the
+    other ranks post a non-blocking broadcast and sleep in ``poll()`` on a ZeroMQ doorbell that rank 0
+    rings just before it broadcasts, waking within microseconds (a lost ring costs at most 50 ms)."""
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self._queue: queue.Queue[wire.Message] = queue.Queue()
         self._length = np.zeros(1, dtype=np.int64)
+        self._ctx: zmq.Context | None = None
+        self._bell: zmq.Socket | None = None
+        if comm.Get_size() > 1:
+            self._open_doorbell()
+
+    def _open_doorbell(self) -> None:
+        hosts = self.comm.allgather(socket.gethostname())
+        self._ctx = zmq.Context(io_threads=1)
+        endpoint = None
+        if self.rank == 0:
+            self._bell = self._ctx.socket(zmq.PUB)
+            host = "127.0.0.1" if len(set(hosts)) == 1 else "0.0.0.0"
+            self._bell.bind(f"tcp://{host}:*")
+            endpoint = self._bell.getsockopt_string(zmq.LAST_ENDPOINT)
+            if host == "0.0.0.0":
+                endpoint = endpoint.replace("0.0.0.0", socket.gethostbyname(socket.gethostname()))
+        endpoint = self.comm.bcast(endpoint, root=0)
+        if self.rank != 0:
+            self._bell = self._ctx.socket(zmq.SUB)
+            self._bell.setsockopt(zmq.SUBSCRIBE, b"")
+            self._bell.connect(endpoint)
+        self._bell.setsockopt(zmq.LINGER, 0)
+        # PUB/SUB joins asynchronously: ring until every rank has heard one ring (bounded).
+        deadline = time.monotonic() + DOORBELL_SETUP_S
+        if self.rank == 0:
+            barrier = self.comm.Ibarrier()
+            while not barrier.Test() and time.monotonic() < deadline:
+                self._bell.send(b"")
+                time.sleep(0.005)
+            barrier.Wait()
+        else:
+            self._bell.poll(int(DOORBELL_SETUP_S * 1000))
+            self.comm.Ibarrier().Wait()  # the same (non-blocking) form as rank 0's, or they do not match
+            self._drain_bell()
+
+    def _drain_bell(self) -> None:
+        while self._bell.poll(0):
+            self._bell.recv()
+
+    def close(self) -> None:
+        if self._bell is not None:
+            self._bell.close(linger=0)
+            self._ctx.term()
+            self._bell = None
 
     def put(self, item: wire.Message) -> None:
         """Rank 0 only (intake thread)."""
@@ -44,19 +95,26 @@ class RequestQueue:
 
     def fetch(self, idle: bool) -> list[wire.Message]:
         """Collective: returns the new items on every rank. ``idle`` (the same on every rank) makes rank 0
-        block for the next item and the others wait without spinning."""
+        block for the next item and the others sleep until it rings."""
+        multi = self.comm.Get_size() > 1
         if self.rank == 0:
             payload = wire.pack_items(self._drain(block=idle))
             self._length[0] = len(payload)
-        if idle and self.comm.Get_size() > 1:
-            # Open MPI's blocking collectives busy-poll; poll a non-blocking one with sleeps instead.
+        if idle and multi:  # every rank posts the non-blocking form: the two forms never match each other
             req = self.comm.Ibcast(self._length, root=0)
-            while not req.Test():
-                time.sleep(IDLE_POLL_S)
-        else:
+            if self.rank == 0:
+                self._bell.send(b"")
+                req.Wait()
+            else:
+                while not req.Test():
+                    if self._bell.poll(DOORBELL_FALLBACK_MS):
+                        self._drain_bell()
+                        req.Wait()  # rank 0 rang right before broadcasting: microseconds away
+                        break
+        elif multi:
             self.comm.Bcast(self._length, root=0)
         n = int(self._length[0])
         buf = bytearray(payload) if self.rank == 0 else bytearray(n)
-        if self.comm.Get_size() > 1:
+        if multi:
             self.comm.Bcast([buf, MPI.BYTE], root=0)
         return wire.unpack_items(bytes(buf))

@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             io.close()
         if executor.events is not None:
             executor.events.close()
+        executor.queue.close()
         from tpserve.executor.dist import destroy_tensor_parallel
 
         destroy_tensor_parallel()
