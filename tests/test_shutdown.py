@@ -241,3 +241,26 @@ def test_ctrl_c_during_generate(tmp_path, presses):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_wedged_rank_shows_in_the_trace_with_its_peers_stacks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TRACE_DIR", str(tmp_path))
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TIMEOUT", "2")
+    llm = engine()
+    sid = llm.workers.pid
+    stream = llm.generate_stream([1, 2, 3], LONG)
+    next(stream)
+    ranks = ranks_of(llm)
+    os.kill(ranks[1].pid, signal.SIGSTOP)  # rank 1 goes quiet: rank 0 hangs in the next collective
+    start = time.monotonic()
+    llm.shutdown()
+    assert time.monotonic() - start < 40  # every bound expired in turn, then SIGKILL of the session
+    wait_gone(sid, 10)
+    capsys.readouterr()
+    # mpirun may resume the stopped rank while it forwards SIGTERM (then all end late) or not (SIGKILL)
+    assert trace_main([str(tmp_path), "--no-html"]) in (0, 1)
+    report = capsys.readouterr().out
+    assert "stack dump from" in report and "rank 0" in report, report
+    rank0_log = next(p.read_text() for p in tmp_path.glob("*.log") if f".{ranks[0].pid}.log" in p.name)
+    assert "sentinel_to_exit OVERRUN" in rank0_log
+    assert 'File "' in rank0_log and "executor" in rank0_log  # the loop thread's stack, where it waits

@@ -29,7 +29,7 @@ from tpserve.executor.request_queue import RequestQueue
 from tpserve.executor.sampler import Sampler
 from tpserve.executor.scheduler import ScheduledBatch, Scheduler
 from tpserve.sampling_params import SamplingParams
-from tpserve.shutdown_trace import trace
+from tpserve.shutdown_trace import Watchdog, phase_timer, trace
 
 Publisher = Callable[[list[RequestDelta]], None]
 
@@ -91,6 +91,7 @@ class Executor:
         self.checker = checker
         self.faults = faults
         self.iteration_time = 0.0  # moving average of busy iterations, seconds
+        self.drain_watch: Watchdog | None = None
 
     @property
     def overlap(self) -> bool:
@@ -103,6 +104,8 @@ class Executor:
     def run(self) -> None:
         while not self.done:
             self.step()
+        if self.drain_watch is not None:
+            self.drain_watch.stop()
         trace("executor_loop", "loop_exit", iteration=self.iteration)
 
     def step(self) -> None:
@@ -191,6 +194,8 @@ class Executor:
                 trace("executor_loop", "sentinel_seen", drain=item.drain, iteration=self.iteration,
                       active=len(self.requests))
                 self.shutting_down = True
+                if self.drain_watch is None:  # a rank wedged here (a peer gone quiet) dumps its stacks
+                    self.drain_watch = phase_timer("executor_loop", "drain_to_exit").start()
                 if not item.drain:
                     for req in list(self.requests.values()):
                         self._finish(req, "abort")

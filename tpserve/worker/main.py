@@ -233,5 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         trace("worker", "torch_distributed_destroyed")
         comm.Barrier()  # every rank is through its teardown before MPI goes (mpi4py finalizes at exit)
         trace("worker", "communicators_destroyed")
+    if io is not None and io.exit_watch is not None:
+        io.exit_watch.stop()
     trace("worker", "exit", code=0)
     return 0

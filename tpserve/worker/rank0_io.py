@@ -11,7 +11,7 @@ import zmq
 
 from tpserve import wire
 from tpserve.executor.request_queue import RequestQueue
-from tpserve.shutdown_trace import trace
+from tpserve.shutdown_trace import Watchdog, phase_timer, trace
 
 POLL_MS = 100
 SEND_TIMEOUT_MS = 2000
@@ -28,6 +28,7 @@ class Rank0IO:
         self.ready: wire.Ready | None = None
         self.stop_intake = threading.Event()
         self.proxy_lost = False
+        self.exit_watch: Watchdog | None = None
         self.sent_dropped = 0
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
@@ -64,6 +65,9 @@ class Rank0IO:
                 elif isinstance(msg, wire.Shutdown) and not ending:
                     ending = True
                     trace("worker", "sentinel_received", drain=msg.drain)
+                    # From here every rank should be out within the timeout; if not, the stacks of
+                    # this process (its loop thread wedged in a collective, say) go into the trace.
+                    self.exit_watch = phase_timer("worker", "sentinel_to_exit").start()
                     requests.put(msg)
                     trace("request_queue", "shutdown_enqueued")
             elif not ending and last_seen is not None and time.monotonic() - last_seen > self.heartbeat_timeout:
