@@ -91,18 +91,6 @@ def worker_processes() -> list[psutil.Process]:
     return found
 
 
-def tpserve_processes_anywhere(marker: str) -> list[psutil.Process]:
-    """Live processes whose command line carries ``marker`` (for orphans reparented away from us)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.info["cmdline"] and marker in " ".join(p.info["cmdline"]) and p.pid != os.getpid():
-                found.append(p)
-        except psutil.Error:
-            continue
-    return found
-
-
 def model_greedy(model, config, prompts: list[list[int]], max_new_tokens: int, chunk: int | None = None,
                  tp_size: int = 1):
     """Greedy decoding straight on the model room, all prompts in one batch: prompts in chunks of up to

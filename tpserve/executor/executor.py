@@ -294,22 +294,18 @@ class Executor:
         return out
 
     def _process(self, step: InFlight) -> None:
-        """The responses of the step that early emission did not send, and freeing what finished."""
+        """The responses of the step that early emission did not send (a request's last one frees it)."""
         for req in step.requests:
-            if req.request_id not in self.requests:
-                continue  # already ended (abort) and published
             delta = self._delta(req)
             if delta is not None:
                 self.deltas.append(delta)
-            if req.finished:
-                self._release(req)
 
     def _delta(self, req: Request) -> RequestDelta | None:
         """The publish rule: the first token, every ``stream_interval`` new tokens, and the end."""
         new = req.output_token_ids[req.num_published :]
         if req.finished:
             if req.request_id not in self.requests:
-                return None
+                return None  # already ended (an abort) and published
         elif not req.stream or not new:
             return None
         elif req.num_published > 0 and len(new) < self.config.stream_interval:

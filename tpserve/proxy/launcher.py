@@ -96,8 +96,8 @@ class WorkerProcess:
                 pass
 
     def stop(self, term_timeout: float = 5.0, kill_timeout: float = 5.0) -> int | None:
-        """Reaps mpirun, escalating SIGTERM then SIGKILL of the whole group when a bound expires."""
-        code = self.wait(0) if self.poll() is None else self.poll()
+        """Reaps mpirun, escalating SIGTERM then SIGKILL of its whole session when a bound expires."""
+        code = self.poll()
         if code is None:
             self.kill_group(signal.SIGTERM)
             code = self.wait(term_timeout)
