@@ -27,3 +27,38 @@ def test_dict_roundtrip():
     p = SamplingParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.9, seed=11, stop_token_ids=[4, 5])
     assert SamplingParams.from_dict(p.to_dict()) == p
     assert SamplingParams(temperature=0).greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"top_k": 18446744073709551616}, "top_k"),
+        ({"top_k": 10**30}, "top_k"),
+        ({"max_tokens": 2**64}, "max_tokens"),
+        ({"stop_token_ids": [2**64]}, "stop_token_ids"),
+        ({"stop_token_ids": [2**31]}, "stop_token_ids"),
+        ({"stop_token_ids": "abc"}, "stop_token_ids"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"seed": 2**64}, "seed"),
+        ({"temperature": 10**400}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": 10**400}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+    ],
+)
+def test_huge_values_raise_value_error_naming_the_field(kwargs, field):
+    """Not OverflowError (which left the request pending), not msgpack's error at send time."""
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}"):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, 1e-40, 1e-300, 5e-324, 9.9e-6])
+def test_tiny_temperatures_are_greedy(temperature):
+    assert SamplingParams(temperature=temperature).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
+
+
+@pytest.mark.parametrize("bad", [None, [1, 2], "x", 3])
+def test_from_dict_rejects_what_is_not_a_dict(bad):
+    with pytest.raises(ValueError, match="expected a dict"):
+        SamplingParams.from_dict(bad)

@@ -8,7 +8,11 @@ Overlap iteration k (the device keeps batch k-1's sampled tokens, so launching k
   4 early emission: publish the responses of every request whose first token came from k-1
     (when those tokens are already on the host at step 1, steps 3-4 run before step 2: see below)
   5 launch sampling k (device -> pinned host copy + event)
-  6 process k-1: the other responses, free what finished
+  6 collect k-1's other responses; publish them (the "final" publish point)
+  7 free the requests whose end was published: only now, after k's launches, since batch k (scheduled
+    before k-1's tokens were known) may still hold a request that k-1's token ended
+Where a response is decided: ``_delta`` (one rule for first tokens, chunks and ends); published:
+``_publish`` at two points, "early" and "final"; freed: ``_free_ended``.
 Symmetry rule: every publish point publishes on every rank, an empty list where there is nothing, so
 every rank makes the same collectives in the same order.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,11 +30,13 @@ from tpserve import wire
 from tpserve.executor.instrument import EventLog, Faults, RankChecker
 from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import Request, RequestDelta
-from tpserve.executor.request_queue import RequestQueue
 from tpserve.executor.sampler import Sampler
 from tpserve.executor.scheduler import ScheduledBatch, Scheduler
 from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import Watchdog, phase_timer, trace
+
+if TYPE_CHECKING:
+    from tpserve.executor.request_queue import RequestQueue
 
 Publisher = Callable[[list[RequestDelta]], None]
 
@@ -84,6 +91,8 @@ class Executor:
         self.device = device
         self.requests: dict[int, Request] = {}
         self.deltas: list[RequestDelta] = []  # published at the end of the iteration
+        self.ended: list[Request] = []  # end published or queued; freed after this iteration's launches
+        self.new_event: Callable[[], torch.cuda.Event | None] = self._new_event
         self.shutting_down = False
         self.iteration = 0
         self.prev: InFlight | None = None
@@ -133,7 +142,7 @@ class Executor:
         self.iteration += 1
 
     def stats(self) -> dict[str, float | int | bool]:
-        num_slots = self.runner.kv.k.shape[1]
+        num_slots = self.scheduler.num_slots
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -144,40 +153,42 @@ class Executor:
 
     def _step_plain(self, batch: ScheduledBatch) -> None:
         if batch:
-            self._log("forward")
-            current = self._launch_sampling(batch, self.runner.forward(batch))
+            current = self._launch_sampling(batch, self._launch_forward(batch, None))
             self._update(current)
-            self._process(current)
+            self._collect(current)
         self._flush()
 
     def _step_overlap(self, batch: ScheduledBatch) -> None:
+        """Three orders, by what the host knows of k-1 when iteration k starts:
+        - early, k-1's first tokens already on the host: emit them, then launch forward k;
+        - early, otherwise: launch forward k, then wait for k-1 and emit its first tokens;
+        - not early: launch forward k, then update k-1 (its first tokens leave with the rest, below).
+        Then launch sampling k, publish the rest of k-1, and free what ended (after k's launch: k may
+        still hold a request that k-1 ended)."""
         prev = self.prev
         early = self.config.early_first_token
-        # Early emission as early as the host can know: when k-1 carries first tokens that are already on
-        # the host (a launch-bound GPU finished long ago; CPU runs synchronously), emit them before launching
-        # k, whose launch alone can take a whole step; otherwise right after launching k, as the timeline
-        # says. Iterations without first tokens keep the overlap order, so steady decoding loses nothing.
-        emitted = early and (prev is None or (prev.has_first_tokens and prev.ready()))
-        if emitted:
-            self._emit_early(prev)
-        logits = None
-        if batch:
-            self._log("forward")
-            logits = self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
-        if early and not emitted:
-            self._emit_early(prev)
+        emit_before_launch = early and (prev is None or (prev.has_first_tokens and prev.ready()))
+        if emit_before_launch:
+            self._emit_first_tokens(prev)
+        logits = self._launch_forward(batch, prev) if batch else None
+        if early and not emit_before_launch:
+            self._emit_first_tokens(prev)
         elif not early and prev is not None:
             self._update(prev)
         self.prev = self._launch_sampling(batch, logits) if logits is not None else None
         if prev is not None:
-            self._process(prev)
+            self._collect(prev)
         self._flush()
 
-    def _emit_early(self, prev: InFlight | None) -> None:
-        """Updates k-1 and publishes its first tokens: the one early publish of every iteration."""
+    def _emit_first_tokens(self, prev: InFlight | None) -> None:
+        """Updates k-1 and publishes its first tokens: the one early publish of every iteration (empty
+        when there is nothing, so every rank makes the same publishes)."""
+        deltas = []
         if prev is not None:
             self._update(prev)
-        self._publish(self._first_token_deltas(prev) if prev else [], "early")
+            firsts = [r for r in prev.requests if r.num_published == 0 and r.output_token_ids]
+            deltas = [d for d in map(self._delta, firsts) if d is not None]
+        self._publish(deltas, "early")
 
     # -- items -----------------------------------------------------------------------------------------
 
@@ -188,8 +199,7 @@ class Executor:
             elif isinstance(item, wire.Abort):
                 req = self.requests.get(item.request_id)
                 if req is not None:
-                    self._finish(req, "abort")
-                    self._emit_final(req)
+                    self._end_now(req, "abort")
             elif isinstance(item, wire.Shutdown):
                 trace("executor_loop", "sentinel_seen", drain=item.drain, iteration=self.iteration,
                       active=len(self.requests))
@@ -198,8 +208,7 @@ class Executor:
                     self.drain_watch = phase_timer("executor_loop", "drain_to_exit").start()
                 if not item.drain:
                     for req in list(self.requests.values()):
-                        self._finish(req, "abort")
-                        self._emit_final(req)
+                        self._end_now(req, "abort")
                 trace("executor_loop", "drain", remaining=len(self.requests), in_flight=self.prev is not None)
 
     def _add(self, item: wire.Submit) -> None:
@@ -238,23 +247,34 @@ class Executor:
 
     # -- steps -----------------------------------------------------------------------------------------
 
+    def _launch_forward(self, batch: ScheduledBatch, prev: InFlight | None) -> torch.Tensor:
+        self._log("forward")
+        return self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
+
     def _launch_sampling(self, batch: ScheduledBatch, logits: torch.Tensor) -> InFlight:
         rows = [i for i, s in enumerate(batch.seqs) if s.samples]
         requests = [batch.seqs[i].request for i in rows]
-        tokens = self.sampler.sample(logits[rows], requests)
+        if len(rows) != len(batch.seqs):
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True))
+        tokens = self.sampler.sample(logits, requests)
         pin = self.device.type == "cuda"
         host = torch.empty(len(rows), dtype=torch.long, pin_memory=pin)
         host.copy_(tokens, non_blocking=pin)
-        event = None
-        if pin:
-            event = torch.cuda.Event()
-            event.record()
+        event = self.new_event()
         has_first = any(not r.output_token_ids for r in requests)
         for req in requests:
             req.num_pending += 1
         self._log("sample_launch", rids=[r.request_id for r in requests])
-        rows = {r.request_id: i for i, r in enumerate(requests)}
-        return InFlight(batch, requests, tokens, host, event, rows, has_first)
+        return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)},
+                        has_first)
+
+    def _new_event(self) -> torch.cuda.Event | None:
+        """Marks the end of a step's host copy on the device's stream (None on CPU: the copy is synchronous)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _update(self, step: InFlight) -> None:
         """Moves the step's sampled tokens into their requests and applies the stop checks."""
@@ -279,61 +299,64 @@ class Executor:
         elif len(req.output_token_ids) >= p.max_tokens:
             self._finish(req, "length")
 
-    def _finish(self, req: Request, reason: str) -> None:
+    @staticmethod
+    def _finish(req: Request, reason: str) -> None:
         if not req.finished:
             req.finished = True
             req.finish_reason = reason
 
-    def _first_token_deltas(self, step: InFlight) -> list[RequestDelta]:
-        out = []
-        for req in step.requests:
-            if req.num_published == 0 and len(req.output_token_ids) == 1:
-                delta = self._delta(req)
-                if delta is not None:
-                    out.append(delta)
-        return out
+    # -- what to publish, publishing, freeing: three separate steps ------------------------------------
 
-    def _process(self, step: InFlight) -> None:
-        """The responses of the step that early emission did not send (a request's last one frees it)."""
-        for req in step.requests:
-            delta = self._delta(req)
-            if delta is not None:
-                self.deltas.append(delta)
+    def _collect(self, step: InFlight) -> None:
+        """Queues the responses of a step that its early emission did not send."""
+        self.deltas.extend(d for d in map(self._delta, step.requests) if d is not None)
 
     def _delta(self, req: Request) -> RequestDelta | None:
-        """The publish rule: the first token, every ``stream_interval`` new tokens, and the end."""
+        """The publish rule, decided once per request and step: the first token, every ``stream_interval``
+        new tokens, and the end (once). A request whose end is decided here is freed by ``_flush``."""
+        if req.ended:
+            return None
         new = req.output_token_ids[req.num_published :]
-        if req.finished:
-            if req.request_id not in self.requests:
-                return None  # already ended (an abort) and published
-        elif not req.stream or not new:
-            return None
-        elif req.num_published > 0 and len(new) < self.config.stream_interval:
-            return None
-        return self._make_delta(req, new)
-
-    def _make_delta(self, req: Request, new: list[int]) -> RequestDelta:
+        if not req.finished:
+            if not req.stream or not new:
+                return None
+            if req.num_published > 0 and len(new) < self.config.stream_interval:
+                return None
         first = req.num_published == 0 and bool(new)
         req.num_published += len(new)
-        delta = RequestDelta(req.request_id, new, req.finished, req.finish_reason if req.finished else None)
+        delta = RequestDelta(req.request_id, new, req.finished, req.finish_reason if req.finished else None,
+                             req.error)
         delta.first = first
         if first or req.finished:
             delta.metrics = dict(req.metrics)
         if req.finished:
-            self._release(req)
+            req.ended = True
+            self.ended.append(req)
         return delta
 
-    def _emit_final(self, req: Request) -> None:
-        """Ends a request outside a step (abort): its unpublished tokens and its reason, now."""
-        self.deltas.append(self._make_delta(req, req.output_token_ids[req.num_published :]))
+    def _end_now(self, req: Request, reason: str) -> None:
+        """Ends a request between steps (abort): its unpublished tokens and its reason, and frees it at once,
+        which is safe here: no batch that is not launched yet holds it."""
+        self._finish(req, reason)
+        delta = self._delta(req)
+        if delta is not None:
+            self.deltas.append(delta)
+        self._free_ended()
 
-    def _release(self, req: Request) -> None:
-        if self.requests.pop(req.request_id, None) is not None:
+    def _free_ended(self) -> None:
+        """Frees the requests whose end was decided, once no unlaunched step holds them. By identity: an id
+        may already belong to a new request (reused after an abort)."""
+        for req in self.ended:
+            if self.requests.get(req.request_id) is req:
+                del self.requests[req.request_id]
             self.scheduler.remove(req)
+        self.ended.clear()
 
     def _flush(self) -> None:
+        """The iteration's last publish point, after every launch: publish, then free what ended."""
         deltas, self.deltas = self.deltas, []
         self._publish(deltas, "final")
+        self._free_ended()
 
     def _publish(self, deltas: list[RequestDelta], point: str) -> None:
         """Every rank calls this at the same points; the first-token publish time is stamped here."""

@@ -51,6 +51,8 @@ class Request:
     num_published: int = 0
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None
+    ended: bool = False  # the final response is decided (published or queued): nothing follows it
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,10 @@
-"""Token sampling that gives the same tokens on every rank: same logits, same seeded generators."""
+"""Token sampling that gives the same tokens on every rank: same logits, same seeded generators.
+
+Sampling never raises on a row's values: a random row draws ``argmax(probs / q)`` with exponential noise
+``q`` (the exponential race, equivalent to sampling from ``probs``), where ``torch.multinomial`` raises on
+NaN or inf probabilities (on CUDA a device-side assert that kills the process). One request's row can
+therefore never stop the batch, whatever its logits.
+"""
 
 from __future__ import annotations
 
@@ -27,24 +33,34 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """logits: float32 [S, V] for the requests in order; returns int64 [S] on the device."""
         tokens = torch.argmax(logits, dim=-1)
-        for i, req in enumerate(requests):
-            if req.params.greedy:
-                continue
-            tokens[i] = self._sample_row(logits[i], req)
+        rows = [i for i, req in enumerate(requests) if not req.params.greedy]
+        if rows:
+            sampled = [requests[i] for i in rows]
+            index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+            tokens.index_copy_(0, index, self._sample_rows(logits.index_select(0, index), sampled))
         return tokens
 
-    @staticmethod
-    def _sample_row(row: torch.Tensor, req: Request) -> torch.Tensor:
-        p = req.params
-        row = row / p.temperature
-        if p.top_k > 0 and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
+    def _sample_rows(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Temperature, top-k and top-p as batched operations with per-row parameters."""
+        n, vocab = logits.shape
+        params = [r.params for r in requests]
+        host = torch.tensor([[p.temperature, p.top_p, min(p.top_k, vocab) or vocab] for p in params],
+                            dtype=torch.float32)
+        per_row = host.to(logits.device, non_blocking=True)
+        temperature, top_p, top_k = per_row[:, 0:1], per_row[:, 1:2], per_row[:, 2:3].long()
+        scaled = logits.float() / temperature
+        if any(0 < p.top_k < vocab for p in params):
+            k_max = max(min(p.top_k, vocab) or vocab for p in params)
+            top = torch.topk(scaled, k_max, dim=-1).values
+            kth = top.gather(1, (top_k - 1).clamp(max=k_max - 1))
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if any(p.top_p < 1.0 for p in params):
+            sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
-            drop = cumulative - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=req.generator)[0]
+            drop = cumulative - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
+        noise = torch.empty_like(probs)
+        for i, req in enumerate(requests):
+            noise[i].exponential_(generator=req.generator)
+        return torch.argmax(probs / noise, dim=-1)

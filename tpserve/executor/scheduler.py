@@ -30,6 +30,7 @@ class Scheduler:
     tokens, which admission checked, so a request that holds a slot can always run to its end."""
 
     def __init__(self, num_slots: int, max_num_tokens: int) -> None:
+        self.num_slots = num_slots
         self.max_num_tokens = max_num_tokens
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[Request] = deque()
@@ -37,10 +38,6 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_tokens

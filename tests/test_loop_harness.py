@@ -1,0 +1,227 @@
+"""The real ``Executor`` and ``Scheduler`` over a fake model (no MPI, no kernels), driven through every loop
+order with random workloads: stop tokens at every position (the first included), aborts at any moment, id
+reuse after an abort, max_tokens 1..n, stream_interval 1..4, and device events that are not ready yet (the
+GPU order). Thousands of requests a second, so the races that a real engine hits once in a while are hit
+here every run.
+
+The fake model keeps a KV cache of its own, keyed by the KV location the executor gives each token, and
+computes each next token from what that cache holds: a location freed while a step still used it, or
+reused too early, changes the tokens and fails the comparison with the reference.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from tpserve import wire
+from tpserve.executor.executor import Executor, ExecutorConfig
+from tpserve.executor.request import RequestDelta
+from tpserve.executor.sampler import Sampler
+from tpserve.executor.scheduler import ScheduledBatch, Scheduler
+from tpserve.sampling_params import SamplingParams
+
+VOCAB = 40
+EOS = 39
+MAX_SEQ_LEN = 48
+
+
+def next_token(seq: list[int]) -> int:
+    """The fake model: a deterministic function of the whole sequence (so every cached token matters)."""
+    h = 17
+    for t in seq:
+        h = (h * 31 + t + 1) % 1_000_003
+    return h % VOCAB
+
+
+def reference(prompt: list[int], params: SamplingParams, eos: tuple[int, ...]) -> tuple[list[int], str]:
+    seq, out = list(prompt), []
+    while True:
+        t = next_token(seq)
+        seq.append(t)
+        out.append(t)
+        if (not params.ignore_eos and t in eos) or t in params.stop_token_ids:
+            return out, "stop"
+        if len(out) >= params.max_tokens:
+            return out, "length"
+
+
+class FakeRunner:
+    """Writes each scheduled token into its KV location, then predicts from the locations of the sequence."""
+
+    def __init__(self) -> None:
+        self.kv: dict[tuple[int, int], int] = {}
+
+    def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
+                prev_rows: dict[int, int] | None = None) -> torch.Tensor:
+        logits = torch.zeros(len(batch), VOCAB)
+        for row, seq in enumerate(batch.seqs):
+            req = seq.request
+            assert req.slot is not None, f"request {req.request_id} is scheduled without KV (freed too early)"
+            known = req.prompt_token_ids + req.output_token_ids
+            for pos in range(seq.start_pos, seq.start_pos + seq.num_tokens):
+                if pos < len(known):
+                    token = known[pos]
+                else:  # sampled by the previous step, still "on the device"
+                    assert prev_tokens is not None and prev_rows is not None and pos == len(known)
+                    token = int(prev_tokens[prev_rows[req.request_id]])
+                self.kv[(req.slot, pos)] = token
+            end = seq.start_pos + seq.num_tokens
+            logits[row, next_token([self.kv[(req.slot, p)] for p in range(end)])] = 50.0
+        return logits
+
+
+class FakeEvent:
+    """A device event that the host may find not ready yet (the order a busy GPU gives)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def query(self) -> bool:
+        return self.rng.random() < 0.5
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.items: list[wire.Message] = []
+
+    def fetch(self, idle: bool) -> list[wire.Message]:
+        items, self.items = self.items, []
+        return items
+
+
+@dataclass
+class Life:
+    """One request id's lifetime, as the proxy would see it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stream: bool
+    aborted: bool = False
+    chunks: list[RequestDelta] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.chunks) and self.chunks[-1].finished
+
+
+def make_engine(rng: random.Random, mode: str, interval: int, gpu_order: bool):
+    config = ExecutorConfig(VOCAB, MAX_SEQ_LEN, (EOS,), stream_interval=interval,
+                            enable_overlap=mode != "plain", early_first_token=mode == "overlap+early")
+    published: list[RequestDelta] = []
+    executor = Executor(config, FakeQueue(), Scheduler(num_slots=4, max_num_tokens=rng.choice([3, 8, 64])),
+                        FakeRunner(), Sampler(torch.device("cpu"), 0), published.extend, torch.device("cpu"))
+    if gpu_order:
+        executor.new_event = lambda: FakeEvent(rng)
+    return executor, published
+
+
+def random_params(rng: random.Random, prompt: list[int]) -> SamplingParams:
+    max_tokens = rng.randint(1, 7)
+    ref, _ = reference(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), ())
+    stops = [rng.choice(ref)] if rng.random() < 0.5 else []  # any position, the first included
+    temperature = rng.choice([0.0, 0.0, 1e-40, 5e-324, 1.0])
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stops,
+                          ignore_eos=rng.random() < 0.5, seed=rng.choice([None, 7]))
+
+
+def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> None:
+    rng = random.Random(seed)
+    executor, published = make_engine(rng, mode, interval, gpu_order)
+    lives: dict[int, list[Life]] = {}
+    next_id = 0
+    cursor = 0
+
+    def route() -> None:
+        nonlocal cursor
+        for delta in published[cursor:]:
+            life = next((x for x in lives[delta.request_id] if not x.ended), None)
+            assert life is not None, f"a response for request {delta.request_id} after its end: {delta}"
+            life.chunks.append(delta)
+        cursor = len(published)
+
+    def submit(rid: int) -> None:
+        prompt = [rng.randrange(VOCAB - 1) for _ in range(rng.randint(1, 12))]
+        life = Life(prompt, random_params(rng, prompt), rng.random() < 0.7)
+        lives.setdefault(rid, []).append(life)
+        executor.queue.items.append(wire.Submit(rid, prompt, life.params.to_dict(), life.stream))
+
+    for _ in range(rng.randint(20, 60)):
+        for _ in range(rng.choice([0, 0, 1, 2, 5])):
+            submit(next_id)
+            next_id += 1
+        live = [rid for rid, ls in lives.items() if not ls[-1].ended and not ls[-1].aborted]
+        if live and rng.random() < 0.3:
+            rid = rng.choice(live)
+            lives[rid][-1].aborted = True
+            executor.queue.items.append(wire.Abort(rid))
+            if rng.random() < 0.5:  # the same id again, right after its abort
+                submit(rid)
+        executor.step()
+        route()
+    for _ in range(500):  # let everything finish
+        if not executor.requests and executor.prev is None:
+            break
+        executor.step()
+        route()
+    route()
+
+    for rid, ls in lives.items():
+        for n, life in enumerate(ls):
+            label = f"seed {seed} request {rid} life {n} {life.params}"
+            assert life.ended, f"{label}: never ended"
+            assert [c.finished for c in life.chunks].count(True) == 1, label
+            tokens = sum((c.token_ids for c in life.chunks), [])
+            ref, reason = reference(life.prompt, life.params, (EOS,))
+            end = life.chunks[-1]
+            if life.aborted:
+                assert end.finish_reason in ("abort", reason), label
+                assert tokens == ref[: len(tokens)], label
+                if end.finish_reason == reason:
+                    assert tokens == ref, label
+            else:
+                assert (tokens, end.finish_reason) == (ref, reason), label
+            if not life.stream:
+                assert len(life.chunks) == 1, label
+            elif tokens and end.finish_reason != "abort":
+                sizes = [len(c.token_ids) for c in life.chunks if c.token_ids]
+                assert sizes[0] == 1, label  # the first token alone, as early as it is known
+    stats = executor.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["kv_cache_usage"] == 0
+    assert not executor.requests
+
+
+@pytest.mark.parametrize("gpu_order", [False, True])
+@pytest.mark.parametrize("mode", ["plain", "overlap", "overlap+early"])
+def test_random_workloads(mode, gpu_order):
+    for seed in range(60):
+        run_workload(seed, mode, interval=1 + seed % 4, gpu_order=gpu_order)
+
+
+def test_first_token_stop_beside_a_normal_request():
+    """The crash of issue 8: a request whose first token ends it, in a batch with a neighbour."""
+    for mode in ("plain", "overlap", "overlap+early"):
+        for gpu_order in (False, True):
+            rng = random.Random(0)
+            executor, published = make_engine(rng, mode, 1, gpu_order)
+            a, b = [1, 2, 3], [4, 5, 6, 7]
+            first = next_token(a)
+            executor.queue.items += [
+                wire.Submit(0, a, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[first]).to_dict(), True),
+                wire.Submit(1, b, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True).to_dict(), True),
+            ]
+            for _ in range(20):
+                executor.step()
+            ends = {d.request_id: d for d in published if d.finished}
+            assert ends[0].finish_reason == "stop" and ends[1].finish_reason == "length", mode
+            assert sum((d.token_ids for d in published if d.request_id == 0), []) == [first]
+            assert sum((d.token_ids for d in published if d.request_id == 1), []) == reference(
+                b, SamplingParams(max_tokens=5, ignore_eos=True), ())[0]
+            assert executor.stats()["kv_cache_usage"] == 0
