@@ -1,0 +1,185 @@
+"""The paged KV cache's bookkeeping: free blocks, per-sequence block tables, ref counts and the prefix cache.
+
+Replicated on every tensor-parallel rank, so it must be deterministic: the same calls give the same block ids
+on every rank. It iterates only lists, deques and an insertion-ordered dict of block ids, and never uses
+randomness, time, or the (per-process salted) hash of str/bytes for anything but dict look-ups.
+
+Prefix caching keys each full block by ``block_hash(parent_key, token_ids)``, a sha256 chained from the
+previous block's key. A hash collision never serves wrong KV: a look-up accepts a block only if its stored
+token ids equal the prompt's and its stored parent is the very block registration matched one level up (a
+registration id that is never reused, rather than the parent's key, which a different block may take after an
+eviction). A collision therefore degrades to a miss, and a sequence whose chain hits one stops registering
+further blocks (their parent could not be matched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+ROOT_KEY = b""  # the parent key of a sequence's first block
+ROOT_REG = 0  # the parent registration id of a sequence's first block; real ones start at 1
+
+
+def block_hash(parent_key: bytes, token_ids: Sequence[int]) -> bytes:
+    """Key of a full block: sha256 over the parent block's key and this block's token ids (int64 LE)."""
+    return hashlib.sha256(parent_key + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+
+
+@dataclass(slots=True)
+class _Block:
+    ref: int = 0
+    key: bytes | None = None  # set while registered in the prefix cache
+    token_ids: tuple[int, ...] = ()  # the tokens whose KV it holds, checked on every hit
+    parent_reg: int = ROOT_REG  # registration id of the block before it in the chain it was cached from
+    reg: int = ROOT_REG  # this registration's id, unique for the manager's lifetime
+
+
+@dataclass(slots=True)
+class _Seq:
+    table: list[int] = field(default_factory=list)
+    num_hashed: int = 0  # leading full blocks already keyed (matched at admit or seen by cache_blocks)
+    key: bytes = ROOT_KEY  # key of block num_hashed - 1
+    reg: int | None = ROOT_REG  # registration equivalent to block num_hashed - 1; None: chain hit a collision
+
+
+class BlockManager:
+    """Hands out KV blocks 1..num_blocks-1 (block 0 is the write target of padding rows) to sequences.
+
+    A block is in exactly one place: the free list (unregistered, ref 0), the evictable LRU (registered in
+    the prefix cache, ref 0, oldest first) or referenced by the tables of live sequences (ref > 0)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 2 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        self._free: deque[int] = deque(range(1, num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._by_key: dict[bytes, int] = {}
+        self._seqs: dict[int, _Seq] = {}
+        self._next_reg = ROOT_REG + 1
+        self._lookup_tokens = 0
+        self._hit_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks a new allocation could take: free plus cached-but-unreferenced (evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks referenced by live sequences."""
+        return (self.num_blocks - 1 - self.num_free_blocks) / (self.num_blocks - 1)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from the cache / prompt tokens looked up, over all admits."""
+        return self._hit_tokens / self._lookup_tokens if self._lookup_tokens else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def admit(self, seq_id: int, token_ids: Sequence[int]) -> int:
+        """Creates seq_id's table from the longest cached chain of full blocks matching token_ids, leaving at
+        least one token to compute (its logits are needed); returns the number of cached tokens."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id} already has a block table")
+        seq = self._seqs[seq_id] = _Seq()
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            key = block_hash(seq.key, tokens)
+            b = self._by_key.get(key)
+            if b is None or self._blocks[b].token_ids != tokens or self._blocks[b].parent_reg != seq.reg:
+                break
+            if self._blocks[b].ref == 0:
+                del self._evictable[b]
+            self._blocks[b].ref += 1
+            seq.table.append(b)
+            seq.num_hashed, seq.key, seq.reg = i + 1, key, self._blocks[b].reg
+        self._lookup_tokens += len(token_ids)
+        self._hit_tokens += len(seq.table) * bs
+        return len(seq.table) * bs
+
+    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(self._seqs[seq_id].table) <= self.num_free_blocks
+
+    def grow(self, seq_id: int, num_tokens: int) -> bool:
+        """Extends the table to cover num_tokens token slots, all or nothing: free blocks first, then the
+        least recently used evictable ones. False, and no change, if there are not enough."""
+        table = self._seqs[seq_id].table
+        need = self.blocks_needed(num_tokens) - len(table)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            table.append(self._take())
+        return True
+
+    def _take(self) -> int:
+        if self._free:
+            b = self._free.popleft()
+        else:
+            b, _ = self._evictable.popitem(last=False)
+            block = self._blocks[b]
+            del self._by_key[block.key]
+            block.key, block.token_ids, block.parent_reg, block.reg = None, (), ROOT_REG, ROOT_REG
+        self._blocks[b].ref = 1
+        return b
+
+    def cache_blocks(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> None:
+        """Registers every full block among the first num_tokens of token_ids (their KV written or launched)
+        not keyed yet. A block whose key another block holds stays unregistered; idempotent."""
+        seq = self._seqs[seq_id]
+        bs = self.block_size
+        if num_tokens > len(token_ids) or num_tokens > len(seq.table) * bs:
+            raise ValueError(f"{num_tokens} tokens exceed sequence {seq_id}'s tokens or block table")
+        if not self.enable_prefix_caching:
+            return
+        for i in range(seq.num_hashed, num_tokens // bs):
+            if seq.reg is None:  # the chain hit a collision: no later block of it could be matched
+                return
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            key = block_hash(seq.key, tokens)
+            holder = self._by_key.get(key)
+            if holder is None:
+                block = self._blocks[seq.table[i]]
+                block.key, block.token_ids, block.parent_reg, block.reg = key, tokens, seq.reg, self._next_reg
+                self._by_key[key] = seq.table[i]
+                self._next_reg += 1
+                reg: int | None = block.reg
+            elif self._blocks[holder].token_ids == tokens and self._blocks[holder].parent_reg == seq.reg:
+                reg = self._blocks[holder].reg  # same content cached by another sequence: chain through it
+            else:
+                reg = None  # hash collision
+            seq.num_hashed, seq.key, seq.reg = i + 1, key, reg
+
+    def free(self, seq_id: int) -> None:
+        """Drops seq_id's references, last block first so that a chain's tail is evicted before its head.
+        Unknown seq_id: no-op (an abort may race a finish)."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        for b in reversed(seq.table):
+            block = self._blocks[b]
+            block.ref -= 1
+            if block.ref == 0:
+                if block.key is None:
+                    self._free.append(b)
+                else:
+                    self._evictable[b] = None
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """A copy of seq_id's block table."""
+        return list(self._seqs[seq_id].table)
+
+    def slot(self, seq_id: int, position: int) -> int:
+        """Index of token `position`'s KV in the flattened [num_blocks * block_size] pool."""
+        return self._seqs[seq_id].table[position // self.block_size] * self.block_size + position % self.block_size
