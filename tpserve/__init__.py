@@ -1,12 +1,13 @@
 """tpserve: a ZeroMQ proxy in front of tensor-parallel MPI workers running an overlap loop."""
 
-from tpserve.errors import EngineDeadError, WorkerStartupError
+from tpserve.errors import EngineBusyError, EngineDeadError, WorkerStartupError
 from tpserve.proxy.llm import LLM
 from tpserve.proxy.outputs import RequestMetrics, RequestOutput, StreamChunk
 from tpserve.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
+    "EngineBusyError",
     "EngineDeadError",
     "RequestMetrics",
     "RequestOutput",

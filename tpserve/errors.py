@@ -11,3 +11,7 @@ class WorkerStartupError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The workers are gone (a rank died or the executor failed); no request can be served any more."""
+
+
+class EngineBusyError(RuntimeError):
+    """``LLM(connect=...)`` found the engine serving another client: one client at a time."""

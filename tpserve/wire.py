@@ -1,9 +1,16 @@
-"""The protocol between the proxy and rank 0, in one place: message types and their encoding.
+"""The protocol between the proxy and rank 0, in one place: message types, their schemas and encoding.
 
 Every ZeroMQ message is two frames: an HMAC-SHA256 tag of the payload under the per-launch key, and
-the msgpack payload ``[kind, fields]``. No pickle anywhere. A frame that fails the tag check or does
-not decode is dropped and counted by the ``Codec``; it never raises into a socket thread.
-The MPI broadcast between ranks reuses the same msgpack encoding (without the tag: MPI is trusted).
+the msgpack payload ``[session, engine, seq, kind, fields]``. No pickle anywhere.
+- ``session`` is the client's random nonce: one session per attached proxy (its Hello opens it), and the
+  routing id of the proxy's response socket, so rank 0's frames reach that proxy and no other.
+- ``engine`` is rank 0's random nonce on rank 0's frames (empty on the proxy's).
+- ``seq`` counts a session's frames in each direction from 1: the receiver takes only numbers above the
+  last it took, so a replayed frame is dropped, and a gap is seen.
+A frame that fails the tag check or does not decode is dropped and counted by the ``Codec``; one that
+decodes but breaks its kind's schema comes back as a ``Frame`` without a message, with the reason and
+its request id when it has a usable one. Decoding never raises into a socket thread.
+The MPI broadcast between ranks reuses the msgpack encoding (without tag or envelope: MPI is trusted).
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import msgpack
@@ -27,7 +36,7 @@ class Message:
 
 @dataclass
 class Hello(Message):
-    """Proxy -> rank 0: asks for READY once the workers are up (answered even if already sent)."""
+    """Proxy -> rank 0: opens the proxy's session and asks for READY (answered every time it is sent)."""
 
     KIND: ClassVar[str] = "hello"
     proxy_pid: int = 0
@@ -39,6 +48,14 @@ class Ready(Message):
 
     KIND: ClassVar[str] = "ready"
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Refused(Message):
+    """Rank 0 -> a proxy whose Hello came while another proxy's session is live: one client at a time."""
+
+    KIND: ClassVar[str] = "refused"
+    reason: str = ""
 
 
 @dataclass
@@ -80,7 +97,7 @@ class Shutdown(Message):
 
 @dataclass
 class Heartbeat(Message):
-    """Proxy -> rank 0 once a second, so workers notice a proxy that died without a word."""
+    """Both ways once a second, so either end notices the other going silent."""
 
     KIND: ClassVar[str] = "heartbeat"
     time: float = 0.0
@@ -112,42 +129,230 @@ class Goodbye(Message):
     reason: str = ""
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.KIND: cls
-    for cls in (Hello, Ready, StartupError, Submit, Abort, Shutdown, Heartbeat, Outputs, EngineDead, Goodbye)
+def error_delta(request_id: int, why: str) -> dict[str, Any]:
+    """The delta that ends one request with an error, in the executor's ``RequestDelta`` form."""
+    return {"request_id": request_id, "token_ids": [], "finished": True, "finish_reason": "error", "error": why,
+            "metrics": {}}
+
+
+# -- schemas: every field of every kind is checked, and messages are rebuilt from checked values only -----
+
+INT64 = 2**63
+TOKEN_ID_LIMIT = 2**31
+PLAIN_DEPTH = 6  # free-form dicts (Ready.info, Outputs.stats, delta metrics): deeper is refused unvisited
+
+
+def _show(v: Any) -> str:
+    """A short description of a bad value (never ``repr`` of a container: it may be nested 1,000 deep)."""
+    if isinstance(v, (list, tuple, dict)):
+        return f"a {type(v).__name__} of {len(v)}"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int64(v: Any) -> int:
+    if type(v) is not int or not -INT64 <= v < INT64:
+        raise ValueError(f"{_show(v)} is not an integer within int64")
+    return v
+
+
+def _count(v: Any) -> int:
+    if type(v) is not int or not 0 <= v < INT64:
+        raise ValueError(f"{_show(v)} is not a non-negative integer within int64")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if type(v) is not bool:
+        raise ValueError(f"{_show(v)} is not a bool")
+    return v
+
+
+def _str(v: Any) -> str:
+    if type(v) is not str:
+        raise ValueError(f"{_show(v)} is not a string")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else _str(v)
+
+
+def _time(v: Any) -> float:
+    if type(v) is not float or not math.isfinite(v):
+        raise ValueError(f"{_show(v)} is not a finite float")
+    return v
+
+
+def _token_ids(v: Any) -> list[int]:
+    if type(v) is not list:
+        raise ValueError(f"{_show(v)} is not a list of token ids")
+    for i, t in enumerate(v):
+        if type(t) is not int or not 0 <= t < TOKEN_ID_LIMIT:
+            raise ValueError(f"token id {_show(t)} at position {i} is not an integer in [0, 2**31)")
+    return list(v)
+
+
+def _plain(v: Any, depth: int) -> Any:
+    """A copy of msgpack-native data, at most ``depth`` containers deep, with string keys."""
+    if v is None or type(v) in (bool, int, float, str, bytes):
+        return v
+    if depth <= 0:
+        raise ValueError(f"nested deeper than {PLAIN_DEPTH} levels")
+    if type(v) is list:
+        return [_plain(x, depth - 1) for x in v]
+    if type(v) is dict:
+        if not all(type(k) is str for k in v):
+            raise ValueError("has a key that is not a string")
+        return {k: _plain(x, depth - 1) for k, x in v.items()}
+    raise ValueError(f"{_show(v)} is not plain data")
+
+
+def _plain_dict(v: Any) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise ValueError(f"{_show(v)} is not a dict")
+    return _plain(v, PLAIN_DEPTH)
+
+
+def _opt_plain_dict(v: Any) -> dict[str, Any] | None:
+    return None if v is None else _plain_dict(v)
+
+
+def _params(v: Any) -> dict[str, Any]:
+    """Sampling parameters: a dict of scalars and flat lists (``SamplingParams`` checks the values)."""
+    if type(v) is not dict:
+        raise ValueError(f"{_show(v)} is not a dict")
+    return _plain(v, 2)
+
+
+DELTA_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "request_id": _int64, "token_ids": _token_ids, "finished": _bool, "finish_reason": _opt_str,
+    "error": _opt_str, "metrics": _plain_dict,
 }
 
 
+def _deltas(v: Any) -> list[dict[str, Any]]:
+    if type(v) is not list:
+        raise ValueError(f"{_show(v)} is not a list of deltas")
+    out = []
+    for d in v:
+        if type(d) is not dict:
+            raise ValueError(f"delta {_show(d)} is not a dict")
+        missing = DELTA_FIELDS.keys() - d.keys()
+        if missing:
+            raise ValueError(f"delta lacks {sorted(missing)}")
+        try:
+            out.append({name: check(d[name]) for name, check in DELTA_FIELDS.items()})
+        except ValueError as e:
+            raise ValueError(f"delta of request {_show(d['request_id'])}: {e}") from None
+    return out
+
+
+SCHEMAS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    Hello.KIND: {"proxy_pid": _count},
+    Ready.KIND: {"info": _plain_dict},
+    Refused.KIND: {"reason": _str},
+    StartupError.KIND: {"message": _str, "traceback": _str, "rank": _count},
+    Submit.KIND: {"request_id": _int64, "prompt_token_ids": _token_ids, "params": _params, "stream": _bool,
+                  "arrival_time": _time, "rank0_time": _time},
+    Abort.KIND: {"request_id": _int64},
+    Shutdown.KIND: {"drain": _bool},
+    Heartbeat.KIND: {"time": _time},
+    Outputs.KIND: {"deltas": _deltas, "stats": _opt_plain_dict},
+    EngineDead.KIND: {"message": _str, "rank": _count},
+    Goodbye.KIND: {"reason": _str},
+}
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (Hello, Ready, Refused, StartupError, Submit, Abort, Shutdown, Heartbeat, Outputs, EngineDead, Goodbye)
+}
+assert all(set(SCHEMAS[k]) == {f.name for f in fields(c)} for k, c in MESSAGE_TYPES.items())
+
+
+class Invalid(ValueError):
+    """A message that breaks its kind's schema; ``request_id`` when it carries a usable one."""
+
+    def __init__(self, why: str, request_id: int | None = None) -> None:
+        super().__init__(why)
+        self.request_id = request_id
+
+
+def build(kind: Any, body: Any) -> Message:
+    """The message of ``kind`` rebuilt from the checked values of ``body`` only; raises ``Invalid``."""
+    if type(kind) is not str or kind not in SCHEMAS:
+        raise Invalid(f"unknown message kind {_show(kind)}")
+    if type(body) is not dict:
+        raise Invalid(f"{kind}: fields are {_show(body)}, not a dict")
+    rid = body.get("request_id")
+    rid = rid if type(rid) is int and -INT64 <= rid < INT64 else None
+    schema = SCHEMAS[kind]
+    unknown = [k for k in body if k not in schema]
+    if unknown:
+        raise Invalid(f"{kind}: unknown field {_show(unknown[0])}", rid)
+    values = {}
+    for name, check in schema.items():
+        if name not in body:
+            raise Invalid(f"{kind}: missing field {name!r}", rid)
+        try:
+            values[name] = check(body[name])
+        except ValueError as e:
+            raise Invalid(f"{kind}.{name}: {e}", rid) from None
+    return MESSAGE_TYPES[kind](**values)
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in fields(msg)}  # shallow: checked values need no copy
+
+
+def _unpackb(payload: bytes) -> Any:
+    """msgpack decoding that only raises ``ValueError`` (nesting past msgpack's stack limit included)."""
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=False)  # keys are checked by the schemas
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise ValueError(f"undecodable: {type(e).__name__}: {e}") from None
+
+
 def pack(msg: Message) -> bytes:
-    return msgpack.packb([msg.KIND, asdict(msg)], use_bin_type=True)
-
-
-def _build(pair: Any) -> Message:
-    kind, body = pair
-    cls = MESSAGE_TYPES[kind]
-    if not isinstance(body, dict) or not set(body) <= {f.name for f in fields(cls)}:
-        raise ValueError(f"unexpected fields for {kind!r}")
-    return cls(**body)
+    return msgpack.packb([msg.KIND, _fields(msg)], use_bin_type=True)
 
 
 def unpack(payload: bytes) -> Message:
-    """Decodes one payload; raises ``ValueError`` on anything that is not a known message."""
-    try:
-        return _build(msgpack.unpackb(payload, raw=False))
-    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as e:
-        raise ValueError(f"undecodable message: {e}") from e
+    """Decodes one un-enveloped payload; raises ``ValueError`` on anything that is not a sound message."""
+    pair = _unpackb(payload)
+    if type(pair) is not list or len(pair) != 2:
+        raise ValueError("not a [kind, fields] pair")
+    return build(*pair)
 
 
 def pack_items(items: list[Message]) -> bytes:
-    return msgpack.packb([[m.KIND, asdict(m)] for m in items], use_bin_type=True)
+    return msgpack.packb([[m.KIND, _fields(m)] for m in items], use_bin_type=True)
 
 
 def unpack_items(payload: bytes) -> list[Message]:
-    return [_build(pair) for pair in msgpack.unpackb(payload, raw=False)]
+    return [build(*pair) for pair in _unpackb(payload)]
 
 
 def new_key() -> bytes:
     return secrets.token_bytes(32)
+
+
+NONCE_BYTES = 16
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+@dataclass
+class Frame:
+    """One signed, decoded frame: its envelope, and its message or why the message was refused."""
+
+    session: bytes
+    engine: bytes
+    seq: int
+    msg: Message | None
+    error: str = ""
+    request_id: int | None = None  # of a refused message, when it has a usable one
 
 
 class Codec:
@@ -163,20 +368,47 @@ class Codec:
     def _tag(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
 
-    def encode(self, msg: Message) -> list[bytes]:
-        payload = pack(msg)
+    def encode(self, msg: Message, session: bytes, seq: int, engine: bytes = b"") -> list[bytes]:
+        payload = msgpack.packb([session, engine, seq, msg.KIND, _fields(msg)], use_bin_type=True)
         return [self._tag(payload), payload]
 
-    def decode(self, frames: list[bytes]) -> Message | None:
-        """Returns the message, or None (counted in ``dropped``) for a bad tag or payload."""
+    def decode(self, frames: list[bytes]) -> Frame | None:
+        """The frame, or None (counted in ``dropped``) for a bad tag or envelope. A sound envelope around
+        a message that breaks its schema gives a ``Frame`` whose ``msg`` is None, with ``error``."""
         if len(frames) == 2 and hmac.compare_digest(self._tag(frames[1]), frames[0]):
             try:
-                return unpack(frames[1])
+                env = _unpackb(frames[1])
             except ValueError:
-                pass
+                env = None
+            if (type(env) is list and len(env) == 5 and type(env[0]) is bytes and len(env[0]) == NONCE_BYTES
+                    and type(env[1]) is bytes and len(env[1]) in (0, NONCE_BYTES)
+                    and type(env[2]) is int and 0 < env[2] < INT64):
+                session, engine, seq, kind, body = env
+                try:
+                    return Frame(session, engine, seq, build(kind, body))
+                except Invalid as e:
+                    return Frame(session, engine, seq, None, str(e), e.request_id)
         with self._lock:
             self.dropped += 1
         return None
+
+
+class SeqCheck:
+    """The receiving side of one session's sequence numbers: only numbers above the last taken pass."""
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.old = 0  # replayed or reordered frames dropped
+        self.gaps = 0
+
+    def take(self, seq: int) -> int:
+        """How many frames were skipped before ``seq`` (0 in order), or -1 for an old number (dropped)."""
+        if seq <= self.last:
+            self.old += 1
+            return -1
+        skipped, self.last = seq - self.last - 1, seq
+        self.gaps += skipped > 0
+        return skipped
 
 
 # -- connection info: how the proxy finds the workers -----------------------------------------------
@@ -219,28 +451,39 @@ class ConnectionInfo:
 
 
 HEARTBEAT_S = 1.0  # both ends send one this often, so either can tell silence from death
+MAX_FRAME_BYTES = 64 << 20  # a peer that sends more is disconnected by ZeroMQ, before anything decodes
 
 
-def open_sockets(conn: ConnectionInfo, bind: bool, proxy_side: bool, send_timeout_ms: int):
-    """The two PUSH/PULL sockets of one end: the proxy pushes requests and pulls responses, rank 0 the
-    reverse. The binding end learns its real endpoints (``tcp://host:*`` picks free ports).
-    Returns (context, push, pull, the connection info with resolved addresses)."""
+def open_sockets(conn: ConnectionInfo, bind: bool, proxy_side: bool, send_timeout_ms: int,
+                 session: bytes | None = None):
+    """The two sockets of one end. Requests: the proxy's PUSH to rank 0's PULL (any number of proxies
+    fan in). Responses: rank 0's ROUTER to the proxy's DEALER, whose routing id is its ``session`` nonce,
+    so each frame goes to the one proxy it is meant for (a PUSH would deal them out round-robin to every
+    proxy connected) and one to a proxy that is not connected fails instead of vanishing
+    (``ROUTER_MANDATORY``). The binding end learns its real endpoints (``tcp://host:*`` picks free
+    ports). Returns (context, send socket, receive socket, the connection info with resolved addresses)."""
     import zmq
 
     ctx = zmq.Context(io_threads=1)
-    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    for sock in (push, pull):
+    if proxy_side:
+        out, inp = ctx.socket(zmq.PUSH), ctx.socket(zmq.DEALER)
+        inp.setsockopt(zmq.ROUTING_ID, session)
+    else:
+        out, inp = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
+        out.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    for sock in (out, inp):
         sock.setsockopt(zmq.LINGER, 0)
-    push.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
-    push_addr, pull_addr = (
+    inp.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    out.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+    out_addr, in_addr = (
         (conn.request_addr, conn.response_addr) if proxy_side else (conn.response_addr, conn.request_addr)
     )
     if not bind:
-        push.connect(push_addr)
-        pull.connect(pull_addr)
-        return ctx, push, pull, conn
-    push.bind(push_addr)
-    pull.bind(pull_addr)
-    push_end, pull_end = push.getsockopt_string(zmq.LAST_ENDPOINT), pull.getsockopt_string(zmq.LAST_ENDPOINT)
-    request, response = (push_end, pull_end) if proxy_side else (pull_end, push_end)
-    return ctx, push, pull, ConnectionInfo(request, response, conn.key)
+        out.connect(out_addr)
+        inp.connect(in_addr)
+        return ctx, out, inp, conn
+    out.bind(out_addr)
+    inp.bind(in_addr)
+    out_end, in_end = out.getsockopt_string(zmq.LAST_ENDPOINT), inp.getsockopt_string(zmq.LAST_ENDPOINT)
+    request, response = (out_end, in_end) if proxy_side else (in_end, out_end)
+    return ctx, out, inp, ConnectionInfo(request, response, conn.key)

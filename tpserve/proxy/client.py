@@ -11,23 +11,34 @@ import time
 import zmq
 
 from tpserve import wire
-from tpserve.errors import EngineDeadError, WorkerStartupError
+from tpserve.errors import EngineBusyError, EngineDeadError, WorkerStartupError
 from tpserve.proxy.launcher import WorkerProcess
 from tpserve.proxy.streams import RequestStream
 from tpserve.shutdown_trace import trace
 
 POLL_MS = 100
+HELLO_S = 0.5  # the handshake sends Hello this often until rank 0 answers
 
 
 class EngineClient:
+    """One proxy's session with rank 0 (see ``wire``): a random nonce names it, both directions number
+    their frames, and only frames of this session, signed, in order, count as the engine's."""
+
     def __init__(self, conn: wire.ConnectionInfo, bind: bool, workers: WorkerProcess | None,
                  silence_timeout: float = 4.0) -> None:
         self.codec = wire.Codec(conn.key)
-        self.ctx, self.push, self.pull, self.conn = wire.open_sockets(conn, bind, proxy_side=True, send_timeout_ms=1000)
+        self.session = wire.new_nonce()
+        self.ctx, self.push, self.pull, self.conn = wire.open_sockets(
+            conn, bind, proxy_side=True, send_timeout_ms=1000, session=self.session
+        )
         self.workers = workers
         self.silence_timeout = silence_timeout
         self.streams: dict[int, RequestStream] = {}
-        self.lock = threading.Lock()  # guards the push socket and ``streams``
+        self.lock = threading.Lock()  # guards the push socket, its sequence number and ``streams``
+        self.sent = 0  # sequence number of the last frame sent
+        self.engine: bytes | None = None  # rank 0's nonce, from its first frame to this session
+        self.inbound = wire.SeqCheck()
+        self.foreign = 0  # signed frames of another session or engine, ignored
         self.dead: str | None = None
         self.goodbye = threading.Event()
         self.stop = threading.Event()
@@ -37,19 +48,23 @@ class EngineClient:
     # -- start -------------------------------------------------------------------------------------------
 
     def handshake(self, timeout: float) -> dict:
-        """Sends HELLO until rank 0 answers READY (or a start-up error, or mpirun exits); bounded."""
+        """Sends HELLO until rank 0 answers READY (or a start-up error, a refusal, or mpirun exits); bounded."""
         deadline = time.monotonic() + timeout
         next_hello = 0.0
         while time.monotonic() < deadline:
             if time.monotonic() >= next_hello:
                 self.send(wire.Hello(os.getpid()))
-                next_hello = time.monotonic() + 1.0
+                next_hello = time.monotonic() + HELLO_S
             if self.pull.poll(POLL_MS):
-                msg = self.codec.decode(self.pull.recv_multipart())
+                msg = self._receive()
                 if isinstance(msg, wire.Ready):
                     return msg.info
                 if isinstance(msg, wire.StartupError):
                     raise WorkerStartupError(msg.message, msg.traceback)
+                if isinstance(msg, wire.Refused):
+                    raise EngineBusyError(f"the engine refused this client: {msg.reason}")
+                if self.dead is not None:
+                    raise WorkerStartupError(self.dead)
             elif self.workers is not None and self.workers.poll() is not None:
                 raise WorkerStartupError(
                     f"the workers exited with code {self.workers.poll()} before they were ready:\n"
@@ -64,13 +79,14 @@ class EngineClient:
     # -- send --------------------------------------------------------------------------------------------
 
     def send(self, msg: wire.Message) -> bool:
-        frames = self.codec.encode(msg)
+        """Numbers and sends one frame; a frame that could not be queued does not use its number."""
         with self.lock:
             try:
-                self.push.send_multipart(frames)
-                return True
+                self.push.send_multipart(self.codec.encode(msg, self.session, self.sent + 1))
             except (zmq.Again, zmq.ZMQError):
                 return False
+            self.sent += 1
+            return True
 
     def submit(self, stream: RequestStream, msg: wire.Submit) -> None:
         with self.lock:
@@ -82,9 +98,39 @@ class EngineClient:
                 self.streams.pop(msg.request_id, None)
             raise EngineDeadError("could not send the request to the workers")
 
+    # -- receive -----------------------------------------------------------------------------------------
+
+    def _receive(self) -> wire.Message | None:
+        """The next frame's message if it is this session's, signed and next in sequence; else None.
+        A gap means frames were lost: the engine is declared dead, since their requests would hang."""
+        frame = self.codec.decode(self.pull.recv_multipart())
+        if frame is None:
+            return None
+        if frame.session != self.session or not frame.engine or self.engine not in (None, frame.engine):
+            self.foreign += 1
+            return None
+        skipped = self.inbound.take(frame.seq)
+        if skipped < 0:
+            return None
+        self.engine = frame.engine
+        if skipped:
+            self.mark_dead(f"{skipped} frame(s) from the engine were lost (frame {frame.seq - skipped - 1}, "
+                           f"then {frame.seq})")
+        if frame.msg is None:
+            self.mark_dead(f"the engine sent a malformed frame: {frame.error}")
+        return frame.msg
+
     # -- dispatch ----------------------------------------------------------------------------------------
 
     def _dispatch_loop(self) -> None:
+        """Cannot die silently: whatever it raises fails every pending stream with the reason."""
+        try:
+            self._dispatch()
+        except Exception as e:  # noqa: BLE001 - every stream is told, then the thread ends
+            self.mark_dead(f"the proxy's dispatch thread failed: {type(e).__name__}: {e}")
+        trace("proxy", "dispatcher_exit")
+
+    def _dispatch(self) -> None:
         last_heard = time.monotonic()
         next_heartbeat = 0.0
         while not self.stop.is_set():
@@ -93,8 +139,9 @@ class EngineClient:
                 self.send(wire.Heartbeat(time.time()))
                 next_heartbeat = now + wire.HEARTBEAT_S
             if self.pull.poll(POLL_MS):
-                msg = self.codec.decode(self.pull.recv_multipart())
-                last_heard = time.monotonic()
+                msg = self._receive()
+                if msg is not None:
+                    last_heard = time.monotonic()  # only this session's frames, signed and in order
                 if isinstance(msg, wire.Outputs):
                     self._route(msg.deltas)
                     if msg.stats:
@@ -104,14 +151,12 @@ class EngineClient:
                 elif isinstance(msg, wire.Goodbye):
                     trace("proxy", "goodbye_received", reason=msg.reason)
                     self.goodbye.set()
-                continue
             if self.dead is None:
                 code = self.workers.poll() if self.workers is not None else None
                 if code is not None:
                     self.mark_dead(describe_exit(code, self.workers.log_tail()))
                 elif self.workers is None and time.monotonic() - last_heard > self.silence_timeout:
                     self.mark_dead(f"no word from the workers for {self.silence_timeout:.0f} s")
-        trace("proxy", "dispatcher_exit")
 
     def _engine_dead_reason(self, msg: wire.EngineDead) -> str:
         """Rank 0's error is often only the echo of another rank's death (a broken collective): give
@@ -126,15 +171,25 @@ class EngineClient:
         return reported if code is None else f"{describe_exit(code, self.workers.log_tail())}\n{reported}"
 
     def _route(self, deltas: list[dict]) -> None:
+        """Feeds each delta to its stream. What one request's data makes fail on this side (its
+        detokenizing, say) ends that request alone, with the error, and the engine is told to abort it."""
         received = time.time()
         for delta in deltas:
-            rid = delta.get("request_id")
+            rid = delta["request_id"]
             with self.lock:
                 stream = self.streams.get(rid)
-                if stream is not None and delta.get("finished"):
+                if stream is not None and delta["finished"]:
                     del self.streams[rid]
-            if stream is not None:
+            if stream is None:
+                continue
+            try:
                 stream.on_delta(delta, received)
+            except Exception as e:  # noqa: BLE001 - that request ends with the error, the rest carry on
+                with self.lock:
+                    self.streams.pop(rid, None)
+                stream.fail("error", f"the proxy could not handle the request's output: {type(e).__name__}: {e}")
+                if not delta["finished"]:
+                    self.send(wire.Abort(rid))
 
     def mark_dead(self, reason: str) -> None:
         """Refuses new requests and fails every pending one with ``reason``."""
@@ -160,7 +215,8 @@ class EngineClient:
         self.push.close(linger=0)
         self.pull.close(linger=0)
         self.ctx.term()
-        trace("proxy", "sockets_closed", dropped_frames=self.codec.dropped)
+        trace("proxy", "sockets_closed", dropped_frames=self.codec.dropped, old_frames=self.inbound.old,
+              foreign_frames=self.foreign)
 
 
 RANK_DIED = re.compile(

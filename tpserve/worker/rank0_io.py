@@ -1,100 +1,288 @@
 """Rank 0's two socket threads beside the executor loop: intake (ZMQ -> request queue) and sender
-(responses -> ZMQ). Each socket belongs to one thread, as ZeroMQ requires."""
+(responses -> ZMQ). Each socket belongs to one thread, as ZeroMQ requires.
+
+The intake is the engine's border: every frame is checked (tag, envelope, session, sequence number,
+every field of its kind) before anything reaches the queue that rank 0 broadcasts to every rank, so no
+frame can stop the engine. One proxy at a time holds a session (see ``wire``); another proxy's Hello is
+refused while that session is live. The sender never drops a frame of the live session: it waits for
+the proxy with a bound, and when the bound expires the engine reports itself dead and ends."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 
 import zmq
 
 from tpserve import wire
 from tpserve.executor.request_queue import RequestQueue
+from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import Watchdog, phase_timer, trace
 
 POLL_MS = 100
-SEND_TIMEOUT_MS = 2000
+SEND_SLICE_MS = 100  # the sender re-checks its session and bound this often while a frame waits
+SEND_BOUND_S = float(os.environ.get("TPSERVE_SEND_TIMEOUT", "30"))  # the most a frame waits for the proxy
+STARTUP_ERROR_WAIT_S = 2.0  # a start-up error waits this long for a proxy's Hello to answer
+
+
+@dataclass
+class Session:
+    """The one proxy being served: its nonce (also its routing id) and both directions' sequence."""
+
+    nonce: bytes
+    last_heard: float
+    inbound: wire.SeqCheck = field(default_factory=wire.SeqCheck)
+    sent: int = 0  # sequence number of the last frame sent to it
+    answered: bool = False  # got READY (or the start-up error)
 
 
 class Rank0IO:
-    def __init__(self, conn: wire.ConnectionInfo, bind: bool, heartbeat_timeout: float) -> None:
+    def __init__(self, conn: wire.ConnectionInfo, bind: bool, heartbeat_timeout: float,
+                 send_bound: float = SEND_BOUND_S) -> None:
         self.codec = wire.Codec(conn.key)
-        self.ctx, self.push, self.pull, self.conn = wire.open_sockets(
-            conn, bind, proxy_side=False, send_timeout_ms=SEND_TIMEOUT_MS
+        self.ctx, self.out, self.inp, self.conn = wire.open_sockets(
+            conn, bind, proxy_side=False, send_timeout_ms=SEND_SLICE_MS
         )
+        self.engine = wire.new_nonce()
+        self.attach = bind  # attach mode: the engine outlives its proxies; spawned: it ends with its proxy
         self.heartbeat_timeout = heartbeat_timeout
-        self.outbox: queue.Queue[wire.Message | None] = queue.Queue()
-        self.ready: wire.Ready | None = None
+        self.send_bound = send_bound
+        self.outbox: queue.Queue[tuple[bytes | None, wire.Message] | None] = queue.Queue()
+        self.lock = threading.Lock()  # guards the session and ``open_ids`` between the two threads
+        self.session: Session | None = None
+        self.ended: set[bytes] = set()  # nonces of sessions that are over: never opened again (replays)
+        self.open_ids: set[int] = set()  # requests taken in and not finished (aborted if their proxy goes)
+        self.answer: wire.Ready | wire.StartupError | None = None
+        self.answered = threading.Event()
+        self.requests: RequestQueue | None = None
+        self.ending = False  # the sentinel is on its way: no new session, no silence check
+        self.dead: str | None = None  # a frame could not be delivered within the bound
         self.stop_intake = threading.Event()
+        self.stop_sending = threading.Event()
         self.proxy_lost = False
         self.exit_watch: Watchdog | None = None
-        self.sent_dropped = 0
+        self.counts = dict.fromkeys(("rejected", "error_replies", "foreign", "refused", "unsent"), 0)
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
-        self._intake: threading.Thread | None = None
-
-    def send(self, msg: wire.Message) -> None:
-        self.outbox.put(msg)
-
-    def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
-        self.ready = ready
-        self._intake = threading.Thread(target=self._intake_loop, args=(requests,), name="rank0-intake", daemon=True)
+        self._intake = threading.Thread(target=self._intake_loop, name="rank0-intake", daemon=True)
         self._intake.start()
 
-    def _intake_loop(self, requests: RequestQueue) -> None:
+    # -- the executor's side -----------------------------------------------------------------------------
+
+    def send(self, msg: wire.Message) -> None:
+        """To the proxy of the live session. READY and a start-up error are the answer to every Hello."""
+        if isinstance(msg, (wire.Ready, wire.StartupError)):
+            self._set_answer(msg)
+        else:
+            self.outbox.put((None, msg))
+
+    def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
+        """From here the intake feeds the executor's queue, and Hellos are answered with ``ready``."""
+        with self.lock:
+            self.requests = requests
+            lost = self.proxy_lost
+        if lost:
+            requests.put(wire.Shutdown(drain=False))
+        self._set_answer(ready)
+
+    def _set_answer(self, msg: wire.Ready | wire.StartupError) -> None:
+        with self.lock:
+            self.answer = msg
+            s = self.session
+            if s is not None and not s.answered:
+                s.answered = True
+                self.outbox.put((s.nonce, msg))
+                self.answered.set()
+
+    # -- intake ------------------------------------------------------------------------------------------
+
+    def _intake_loop(self) -> None:
         """Runs until ``close``: after the sentinel it keeps answering (heartbeats) while the ranks end."""
-        last_seen: float | None = None
         next_heartbeat = 0.0
-        ending = False
         while not self.stop_intake.is_set():
-            if time.monotonic() >= next_heartbeat:  # so an attached proxy can tell silence from death
-                self.send(wire.Heartbeat(time.time()))
+            s = self.session
+            if s is not None and time.monotonic() >= next_heartbeat:  # so the proxy can tell silence from death
+                self.outbox.put((s.nonce, wire.Heartbeat(time.time())))
                 next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
-            if self.pull.poll(POLL_MS):
-                msg = self.codec.decode(self.pull.recv_multipart())
-                if msg is None:
-                    continue
-                last_seen = time.monotonic()
-                if isinstance(msg, wire.Hello):
-                    self.send(self.ready)
-                elif isinstance(msg, (wire.Submit, wire.Abort)):
-                    if isinstance(msg, wire.Submit):
-                        msg.rank0_time = time.time()
-                    requests.put(msg)  # after the sentinel the executor aborts late submits
-                elif isinstance(msg, wire.Shutdown) and not ending:
-                    ending = True
-                    trace("worker", "sentinel_received", drain=msg.drain)
-                    # From here every rank should be out within the timeout; if not, the stacks of
-                    # this process (its loop thread wedged in a collective, say) go into the trace.
-                    self.exit_watch = phase_timer("worker", "sentinel_to_exit").start()
-                    requests.put(msg)
-                    trace("request_queue", "shutdown_enqueued")
-            elif not ending and last_seen is not None and time.monotonic() - last_seen > self.heartbeat_timeout:
-                ending = self.proxy_lost = True
-                trace("worker", "proxy_lost", silent_s=round(time.monotonic() - last_seen, 3))
+            if self.inp.poll(POLL_MS):
+                self._on_frames(self.inp.recv_multipart())
+            if s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
+                self._session_silent(s)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        frame = self.codec.decode(frames)
+        if frame is None:
+            return  # a bad tag or envelope: counted by the codec
+        s = self.session
+        if s is not None and frame.session == s.nonce:
+            skipped = s.inbound.take(frame.seq)
+            if skipped < 0:
+                return  # replayed or old: counted
+            if skipped:
+                trace("worker", "frames_lost", direction="to_rank0", skipped=skipped, seq=frame.seq)
+            s.last_heard = time.monotonic()  # only frames that pass the tag and the sequence are signs of life
+            self._handle(s, frame)
+        elif isinstance(frame.msg, wire.Hello):
+            self._hello_from_new(frame)
+        else:
+            self.counts["foreign"] += 1  # another session's frame, or one of a session that is over
+
+    def _hello_from_new(self, frame: wire.Frame) -> None:
+        if frame.session in self.ended:
+            self.counts["foreign"] += 1  # a replayed Hello of a session that is over
+            return
+        with self.lock:
+            if self.session is not None or self.ending:
+                why = ("the engine is shutting down" if self.ending else
+                       "another client is attached to this engine (one at a time): it must shut down or "
+                       f"fall silent for {self.heartbeat_timeout:g} s first")
+                self.counts["refused"] += 1
+                self.outbox.put((frame.session, wire.Refused(why)))
+                return
+            if self.open_ids:
+                return  # the last proxy's requests are still being aborted; its Hello is sent again
+            s = self.session = Session(frame.session, time.monotonic())
+            s.inbound.take(frame.seq)
+        trace("worker", "session_opened", proxy_pid=frame.msg.proxy_pid)
+        self._handle(s, frame)
+
+    def _session_silent(self, s: Session) -> None:
+        """The proxy went quiet. Spawned: it was the engine's owner, so the engine ends. Attached: its
+        requests are aborted and another proxy may attach."""
+        trace("worker", "proxy_lost", silent_s=round(time.monotonic() - s.last_heard, 3), attach=self.attach)
+        with self.lock:
+            self.session = None
+            self.ended.add(s.nonce)
+            requests, open_ids = self.requests, sorted(self.open_ids)
+            if not self.attach:
+                self.ending = self.proxy_lost = True
+        if not self.attach:
+            if requests is not None:
                 requests.put(wire.Shutdown(drain=False))
                 trace("request_queue", "shutdown_enqueued", reason="proxy_lost")
+        elif requests is not None:
+            for rid in open_ids:
+                requests.put(wire.Abort(rid))
+            trace("worker", "session_closed", aborted=len(open_ids))
+
+    def _handle(self, s: Session, frame: wire.Frame) -> None:
+        msg = frame.msg
+        if isinstance(msg, wire.Submit):
+            try:
+                params = SamplingParams.from_dict(msg.params).to_dict()
+            except (ValueError, TypeError, OverflowError, RecursionError) as e:
+                frame.error, frame.request_id, msg = f"Submit.params: {e}", msg.request_id, None
+        if msg is None:
+            self.counts["rejected"] += 1
+            if frame.request_id is not None:
+                self._reply_error(s, frame.request_id, frame.error)
+        elif isinstance(msg, wire.Hello):
+            with self.lock:
+                answer = self.answer
+                s.answered = s.answered or answer is not None
+            if answer is not None:
+                self.outbox.put((s.nonce, answer))
+                self.answered.set()
+        elif isinstance(msg, wire.Submit):
+            if self.requests is None:
+                self._reply_error(s, msg.request_id, "the engine is not ready yet")
+                return
+            with self.lock:
+                self.open_ids.add(msg.request_id)
+            self.requests.put(wire.Submit(msg.request_id, msg.prompt_token_ids, params, msg.stream,
+                                          msg.arrival_time, time.time()))
+        elif isinstance(msg, wire.Abort):
+            if self.requests is not None:
+                self.requests.put(msg)
+        elif isinstance(msg, wire.Shutdown):
+            if not self.ending and self.requests is not None:
+                self.ending = True
+                trace("worker", "sentinel_received", drain=msg.drain)
+                # From here every rank should be out within the timeout; if not, the stacks of
+                # this process (its loop thread wedged in a collective, say) go into the trace.
+                self.exit_watch = phase_timer("worker", "sentinel_to_exit").start()
+                self.requests.put(msg)
+                trace("request_queue", "shutdown_enqueued")
+        elif not isinstance(msg, wire.Heartbeat):
+            self.counts["rejected"] += 1  # a kind that only rank 0 sends
+
+    def _reply_error(self, s: Session, request_id: int, why: str) -> None:
+        self.counts["error_replies"] += 1
+        self.outbox.put((s.nonce, wire.Outputs([wire.error_delta(request_id, why)])))
+
+    # -- sender ------------------------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
         while True:
-            msg = self.outbox.get()
-            if msg is None:
+            item = self.outbox.get()
+            if item is None:
                 return
+            dest, msg = item
+            if isinstance(msg, wire.Outputs):
+                with self.lock:
+                    self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
+            with self.lock:
+                s = self.session
+            if dest is None:
+                dest = s.nonce if s is not None else None
+            if self.dead is not None or dest is None:
+                self.counts["unsent"] += 1
+            elif s is not None and dest == s.nonce:
+                self._send_to_session(s, msg)
+            else:  # a refusal, or a reply to a session that is over: one try, never a wait
+                try:
+                    self.out.send_multipart([dest, *self.codec.encode(msg, dest, 1, self.engine)], zmq.DONTWAIT)
+                except zmq.ZMQError:
+                    self.counts["unsent"] += 1
+
+    def _send_to_session(self, s: Session, msg: wire.Message) -> None:
+        """Waits for the proxy while it is the live session's; past the bound the engine is dead."""
+        frames = [s.nonce, *self.codec.encode(msg, s.nonce, s.sent + 1, self.engine)]
+        deadline = time.monotonic() + self.send_bound
+        while True:
             try:
-                self.push.send_multipart(self.codec.encode(msg))
-            except zmq.Again:
-                self.sent_dropped += 1  # the proxy is gone; the heartbeat check ends the workers
+                self.out.send_multipart(frames)  # waits SEND_SLICE_MS at most
+                s.sent += 1
+                return
+            except zmq.ZMQError as e:  # Again: the proxy is not reading; EHOSTUNREACH: not connected
+                if self.session is not s or self.stop_sending.is_set():
+                    self.counts["unsent"] += 1
+                    return
+                if time.monotonic() >= deadline:
+                    self._die(f"a {msg.KIND} frame could not be delivered to the proxy for {self.send_bound:g} s "
+                              f"({e.strerror})")
+                    return
+                if e.errno == zmq.EHOSTUNREACH:
+                    time.sleep(SEND_SLICE_MS / 1000)
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot tell its proxy what it computes: report it, and end every rank."""
+        self.dead = reason
+        self.counts["unsent"] += 1
+        trace("worker", "engine_dead", reason=reason)
+        with self.lock:
+            requests, self.ending = self.requests, True
+        if requests is not None:
+            requests.put(wire.Shutdown(drain=False))
+            trace("request_queue", "shutdown_enqueued", reason="undeliverable")
 
     def close(self, timeout: float = 5.0) -> None:
         """Flushes the outbox (bounded), stops both threads, closes sockets before the context."""
+        if isinstance(self.answer, wire.StartupError):
+            self.answered.wait(STARTUP_ERROR_WAIT_S)  # the proxy's Hello may be a moment away
         self.stop_intake.set()
         self.outbox.put(None)
         self._sender.join(timeout)
-        if self._intake is not None:
-            self._intake.join(timeout)
-        self.pull.close(linger=0)
+        self.stop_sending.set()
+        self._sender.join(2 * SEND_SLICE_MS / 1000)
+        self._intake.join(timeout)
+        self.inp.close(linger=0)
         # A live proxy takes what is queued at once; a lost one never will, so do not wait for it.
-        self.push.close(linger=0 if self.proxy_lost or self._sender.is_alive() else 1000)
+        self.out.close(linger=0 if self.session is None or self._sender.is_alive() else 1000)
         self.ctx.term()
-        trace("worker", "sockets_closed", dropped_frames=self.codec.dropped, unsent=self.sent_dropped)
+        s = self.session
+        trace("worker", "sockets_closed", dropped_frames=self.codec.dropped,
+              old_frames=s.inbound.old if s else 0, gaps=s.inbound.gaps if s else 0, **self.counts)
