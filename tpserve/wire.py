@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -427,26 +428,62 @@ class ConnectionInfo:
     key: bytes
 
     def write(self, path: str) -> None:
-        """Writes a connection file readable by its owner only (mode 0600), atomically."""
+        """Creates the connection file, readable by its owner only, in one step (O_EXCL, mode 0600): a
+        file already there, from a live engine or a dead one, is never replaced (two engines would
+        otherwise share a path and a proxy could attach to the wrong one). Raises ``FileExistsError``."""
         body = json.dumps(
             {"request_addr": self.request_addr, "response_addr": self.response_addr, "key": self.key.hex(),
              "pid": os.getpid()}
         ).encode()
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, body)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConnectionInfo.taken(path) from None
+        try:
+            if os.write(fd, body) != len(body):
+                raise OSError(f"short write to connection file {path}")
+        except BaseException:
+            os.unlink(path)  # never leave a half-written file that would block the next engine
+            raise
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+
+    @staticmethod
+    def taken(path: str) -> FileExistsError:
+        """The error for a connection file that is already there (a worker checks before it loads)."""
+        return FileExistsError(
+            f"connection file {path} already exists: another engine, live or dead, wrote it. Use another "
+            "path, or remove the file if no engine is running from it"
+        )
+
+    def remove(self, path: str) -> bool:
+        """Removes the connection file if it is still this engine's (same key); True when removed."""
+        try:
+            if ConnectionInfo.read(path, wait=0.0).key != self.key:
+                return False
+            os.unlink(path)
+            return True
+        except (OSError, ValueError):
+            return False
 
     @classmethod
-    def read(cls, path: str) -> ConnectionInfo:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+    def read(cls, path: str, wait: float = 2.0) -> ConnectionInfo:
+        """Reads a connection file. The file exists an instant before its content (O_EXCL, then one
+        write), so an empty or truncated file is read again for up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            try:
+                d = json.loads(text)
+                break
+            except json.JSONDecodeError as e:
+                if time.monotonic() >= deadline:
+                    raise ValueError(f"connection file {path} is malformed: {e}") from e
+                time.sleep(0.02)
         try:
             return cls(d["request_addr"], d["response_addr"], bytes.fromhex(d["key"]))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"connection file {path} is malformed: {e}") from e
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from tpserve import wire
-from tpserve.errors import EngineDeadError
+from tpserve.errors import EngineDeadError, WorkerStartupError
 from tpserve.proxy.client import EngineClient
 from tpserve.proxy.launcher import WorkerProcess, mpi_environment
 from tpserve.proxy.outputs import RequestOutput
@@ -24,6 +24,7 @@ from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import phase_timer, trace
 
 Prompt = str | list[int]
+ATTACH_TIMEOUT_S = 10.0  # the most LLM(connect=...) waits for the engine behind the file to answer
 
 
 class LLM:
@@ -85,8 +86,20 @@ class LLM:
                 args.append("--no-early-first-token")
             self.workers = WorkerProcess(tensor_parallel_size, args, env, list(mpirun_args))
             self.client.workers = self.workers
+        # Workers write the connection file only once ready, so a live engine answers at once; a file
+        # whose engine is gone must not cost the whole start-up timeout.
+        timeout = startup_timeout if connect is None else min(startup_timeout, ATTACH_TIMEOUT_S)
         try:
-            self.info = self.client.handshake(startup_timeout)
+            self.info = self.client.handshake(timeout)
+        except WorkerStartupError as e:
+            self._teardown(sentinel=False)
+            if connect is None:
+                raise
+            raise WorkerStartupError(
+                f"no engine answered through the connection file {connect} ({self.client.conn.request_addr}) "
+                f"within {timeout:g} s: the file is stale (the engine that wrote it is gone: remove the file) "
+                "or that engine cannot be reached from here"
+            ) from e
         except BaseException:
             self._teardown(sentinel=False)
             raise

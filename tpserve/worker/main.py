@@ -127,15 +127,37 @@ def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
     return executor, info
 
 
+def _die_of_signal(signum: int, frame: object) -> None:
+    """Until the loop runs there is nothing to drain: trace the exit, then die of the signal as before."""
+    trace("worker", "signal", signum=signum)
+    trace("worker", "exit", code=-signum)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs this rank. Every way out that a process can still take traces ``worker exit`` (a return, an
+    exception, a signal before the loop, the abort after a loop failure), so a trace's verdict is true."""
     args = parse_args(argv)
     # The socket threads beside the busy loop need the GIL to send: at the default 5 ms switch interval
     # a response waits up to 5 ms behind the loop's Python work, most of a CPU step's TTFT.
     sys.setswitchinterval(0.0005)
     comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    os.environ.setdefault("TPSERVE_RANK", str(rank))
+    os.environ.setdefault("TPSERVE_RANK", str(comm.Get_rank()))
     trace("worker", "start", tp=comm.Get_size())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _die_of_signal)
+    try:
+        code = _run(args, comm)
+    except BaseException as e:
+        trace("worker", "exit", code=1, error=f"{type(e).__name__}: {e}")
+        raise
+    trace("worker", "exit", code=code)
+    return code
+
+
+def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
+    rank = comm.Get_rank()
     io = None
     if rank == 0:
         from tpserve.worker.rank0_io import Rank0IO
@@ -166,9 +188,31 @@ def main(argv: list[str] | None = None) -> int:
         if deltas or stats:
             io.send(wire.Outputs([d.to_dict() for d in deltas], stats))
 
+    def on_sigterm(signum: int, frame: object) -> None:
+        """Only sets things in motion: rank 0 enqueues the sentinel, which every rank then sees."""
+        trace("worker", "signal", signum=signum)
+        if rank == 0:
+            engine[0].queue.put(wire.Shutdown(drain=False))
+
+    conn_file = args.connection_file if io is not None else None
+
+    def check_connection_file() -> None:
+        if conn_file is not None and os.path.lexists(conn_file):
+            raise wire.ConnectionInfo.taken(conn_file)
+
+    def write_connection_file() -> None:
+        if conn_file is not None:
+            io.conn.write(conn_file)
+
     try:
+        if args.connection_file is not None:  # a taken path fails the start before anything loads
+            _stage(comm, "check_connection_file", check_connection_file)
         executor, info = build_engine(args, comm, publish)
         engine.append(executor)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_sigterm)
+        if args.connection_file is not None:  # written once ready, so whoever reads it finds an engine
+            _stage(comm, "write_connection_file", write_connection_file)
     except StartupFailed as e:
         trace("worker", "startup_failed", error=str(e))
         if io is not None:
@@ -176,20 +220,25 @@ def main(argv: list[str] | None = None) -> int:
             io.close()
         print(f"tpserve worker rank {rank}: {e}\n{e.tb}", file=sys.stderr, flush=True)
         return 1
+    try:
+        return _serve(executor, info, io, comm, conn_file)
+    finally:
+        _remove_connection_file(io, conn_file)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        """Only sets things in motion: rank 0 enqueues the sentinel, which every rank then sees."""
-        trace("worker", "signal", signum=signum)
-        if rank == 0:
-            executor.queue.put(wire.Shutdown(drain=False))
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+def _remove_connection_file(io, path: str | None) -> None:
+    """Rank 0 removes its connection file (only if still its own) on every way out it controls."""
+    if io is not None and path is not None and io.conn.remove(path):
+        trace("worker", "connection_file_removed", path=path)
+
+
+def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> int:
+    """Runs the executor loop on a thread until the sentinel, then tears down in a fixed order."""
+    rank = comm.Get_rank()
     if io is not None:
         ready = wire.Ready(info)
-        if args.connection_file is None:
+        if conn_file is None:
             io.send(ready)
-        else:
-            io.conn.write(args.connection_file)
         io.start_intake(executor.queue, ready)
     trace("worker", "ready")
 
@@ -211,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     thread.join()
     trace("executor_loop", "thread_joined", iterations=executor.iteration)
+    _remove_connection_file(io, conn_file)  # the engine takes no more work: no proxy may attach now
     if failure:
         msg = f"rank {rank}: {type(failure[0]).__name__}: {failure[0]}"
         trace("worker", "loop_failed", error=msg)
@@ -218,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             io.send(wire.EngineDead(msg, rank))
             io.close(timeout=1.0)
         print(f"tpserve worker {msg}", file=sys.stderr, flush=True)
+        trace("worker", "exit", code=1, how="MPI_Abort")
         comm.Abort(1)  # the other ranks are blocked in a collective: end them all
     with phase_timer("worker", "cleanup"):
         if io is not None:
@@ -235,5 +286,4 @@ def main(argv: list[str] | None = None) -> int:
         trace("worker", "communicators_destroyed")
     if io is not None and io.exit_watch is not None:
         io.exit_watch.stop()
-    trace("worker", "exit", code=0)
     return 0
