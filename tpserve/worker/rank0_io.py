@@ -64,7 +64,8 @@ class Rank0IO:
         self.stop_sending = threading.Event()
         self.proxy_lost = False
         self.exit_watch: Watchdog | None = None
-        self.counts = dict.fromkeys(("rejected", "error_replies", "foreign", "refused", "unsent"), 0)
+        self.counts = dict.fromkeys(("old_frames", "gaps", "rejected", "error_replies", "foreign", "refused",
+                                     "unsent"), 0)
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
         self._intake = threading.Thread(target=self._intake_loop, name="rank0-intake", daemon=True)
@@ -154,8 +155,7 @@ class Rank0IO:
         requests are aborted and another proxy may attach."""
         trace("worker", "proxy_lost", silent_s=round(time.monotonic() - s.last_heard, 3), attach=self.attach)
         with self.lock:
-            self.session = None
-            self.ended.add(s.nonce)
+            self._end(s)
             requests, open_ids = self.requests, sorted(self.open_ids)
             if not self.attach:
                 self.ending = self.proxy_lost = True
@@ -167,6 +167,13 @@ class Rank0IO:
             for rid in open_ids:
                 requests.put(wire.Abort(rid))
             trace("worker", "session_closed", aborted=len(open_ids))
+
+    def _end(self, s: Session) -> None:
+        """Under the lock: the session is over, for good (its nonce never opens one again)."""
+        self.session = None
+        self.ended.add(s.nonce)
+        self.counts["old_frames"] += s.inbound.old
+        self.counts["gaps"] += s.inbound.gaps
 
     def _handle(self, s: Session, frame: wire.Frame) -> None:
         msg = frame.msg
@@ -283,6 +290,7 @@ class Rank0IO:
         # A live proxy takes what is queued at once; a lost one never will, so do not wait for it.
         self.out.close(linger=0 if self.session is None or self._sender.is_alive() else 1000)
         self.ctx.term()
-        s = self.session
-        trace("worker", "sockets_closed", dropped_frames=self.codec.dropped,
-              old_frames=s.inbound.old if s else 0, gaps=s.inbound.gaps if s else 0, **self.counts)
+        with self.lock:
+            if self.session is not None:
+                self._end(self.session)
+        trace("worker", "sockets_closed", dropped_frames=self.codec.dropped, **self.counts)
