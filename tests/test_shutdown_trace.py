@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -363,3 +364,35 @@ def test_trace_view_merges_and_names_the_unfinished_process(
         assert f"{host}:{pid[rank]} rank {rank}" in page
 
     assert trace_view.main([str(tmp_path / "empty"), "--no-html"]) == 2
+
+
+def test_a_rank_killed_by_sigterm_while_starting_traces_its_exit(tmp_path: Path) -> None:
+    """SIGTERM to a rank that is still loading: it traces the signal and its exit, then dies of it."""
+    from helpers import built_model
+
+    from tpserve.proxy.launcher import mpi_environment, mpirun_path, session_pids
+
+    env = mpi_environment(1, {k: v for k, v in os.environ.items() if k not in TRACE_ENV})
+    env["TPSERVE_SHUTDOWN_TRACE_DIR"] = str(tmp_path)
+    cmd = [mpirun_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
+           "--model", str(built_model("llama")), "--connection-file", str(tmp_path / "engine.json")]
+    mpirun = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(e.phase == "start" for e in trace_view.load(tmp_path)):
+            assert mpirun.poll() is None and time.monotonic() < deadline, "the rank never started"
+            time.sleep(0.01)
+        (rank,) = {e.pid for e in trace_view.load(tmp_path)}
+        os.kill(rank, 15)
+        mpirun.communicate(timeout=30)
+    finally:
+        for pid in session_pids(mpirun.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        mpirun.wait(10)
+    events = [e for e in trace_lines(tmp_path) if e.pid == rank]
+    assert [(e.phase, e.fields) for e in events[-2:]] == [("signal", {"signum": "15"}), ("exit", {"code": "-15"})]
+    assert not (tmp_path / "engine.json").exists()  # it never got as far as writing one
+    (verdict,) = trace_view.verdicts(events)
+    assert verdict.finished

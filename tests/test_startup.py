@@ -5,7 +5,7 @@ import time
 import pytest
 from helpers import built_model, worker_processes
 
-from tpserve import LLM, WorkerStartupError
+from tpserve import LLM, WorkerStartupError, trace_view
 
 
 def assert_no_workers_left():
@@ -38,3 +38,21 @@ def test_bad_engine_options_raise_before_launch():
         LLM(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="max_batch_size"):
         LLM(max_batch_size=0)
+
+
+def test_a_failed_start_traces_every_process_exit(tmp_path, monkeypatch, capsys):
+    """TP 2 on the default model (9 heads): both ranks exit with code 1, and the trace says so
+    instead of calling them UNFINISHED."""
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TRACE_DIR", str(tmp_path))
+    with pytest.raises(WorkerStartupError, match="tensor_parallel_size=2 does not divide"):
+        LLM(tensor_parallel_size=2)
+    assert_no_workers_left()
+    monkeypatch.delenv("TPSERVE_SHUTDOWN_TRACE_DIR")
+    results = trace_view.verdicts(trace_view.merge(trace_view.load(tmp_path)))
+    assert sorted(v.rank for v in results) == ["-", "0", "1"]
+    assert all(v.finished for v in results), [(v.rank, v.last.phase) for v in results]
+    ranks = [v for v in results if v.rank != "-"]
+    assert [(v.last.phase, v.last.fields) for v in ranks] == [("exit", {"code": "1"})] * 2
+    assert trace_view.main([str(tmp_path), "--no-html"]) == 0
+    out = capsys.readouterr().out
+    assert "UNFINISHED" not in out and out.count("worker/exit code=1 at") == 2

@@ -182,8 +182,9 @@ def _fields_text(event: Event) -> str:
 
 def _verdict_line(v: Verdict, t0: float) -> str:
     last = v.last
-    if v.finished:
-        return f"FINISHED {v.where} rank {v.rank}: {last.component}/{last.phase} at +{_ms(last, t0):.1f} ms"
+    if v.finished:  # the exit's fields say how (code=1 after a failed start, code=-15 for a SIGTERM)
+        how = f" {_fields_text(last)}" if last.fields else ""
+        return f"FINISHED {v.where} rank {v.rank}: {last.component}/{last.phase}{how} at +{_ms(last, t0):.1f} ms"
     return (
         f"UNFINISHED {v.where} rank {v.rank}: last phase {last.component}/{last.phase} "
         f"at +{_ms(last, t0):.1f} ms"

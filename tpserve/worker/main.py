@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0005)
     comm = MPI.COMM_WORLD
     os.environ.setdefault("TPSERVE_RANK", str(comm.Get_rank()))
-    trace("worker", "start", tp=comm.Get_size())
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _die_of_signal)
+    trace("worker", "start", tp=comm.Get_size())
     try:
         code = _run(args, comm)
     except BaseException as e:
