@@ -42,7 +42,7 @@ try:
     from tpserve.model.attention import paged_attention_reference as model_oracle
 
     ORACLE_STATUS = "tpserve.model.attention.paged_attention_reference: compared"
-except ImportError as exc:
+except Exception as exc:  # another engineer's module, maybe mid-change: report it, test the kernels anyway
     model_oracle = None
     ORACLE_STATUS = f"tpserve.model.attention.paged_attention_reference not importable ({exc})"
 
@@ -301,7 +301,7 @@ def graph_and_sync_checks(rng: random.Random) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = fn(*b.args())
-        fresh = make_batch(rng, q_lens, [c + rng.randint(-10, 10) if c > 20 else c for c in ctx], heads,
+        fresh = make_batch(rng, q_lens, [c + rng.randint(0, 10) for c in ctx], heads,
                            torch.bfloat16, "cuda", width=128)
         blocks = min(fresh.k_cache.shape[0], b.k_cache.shape[0])
         fresh.k_cache, fresh.v_cache = fresh.k_cache[:blocks].clone(), fresh.v_cache[:blocks].clone()

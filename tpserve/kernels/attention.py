@@ -31,7 +31,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence s whose query blocks hold program pid: the last s with start[s] // BLOCK_Q + s <= pid."""
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -187,6 +187,11 @@ def _reduce_kernel(
     tl.store(out_ptr + s * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
+def _num_warps(head_dim: int) -> int:
+    """8 warps at head_dim 128: with 4, ptxas spills the [64, 128] tiles to the stack (checked for sm_90)."""
+    return 8 if head_dim >= 128 else 4
+
+
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -220,7 +225,7 @@ def varlen_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64,
-        HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1], num_warps=4,
+        HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1], num_warps=_num_warps(q.shape[2]),
     )
     return out
 
@@ -254,7 +259,7 @@ def decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N,
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits, num_warps=_num_warps(head_dim),
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_q_heads)](

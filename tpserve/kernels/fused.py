@@ -97,7 +97,7 @@ def _qk_norm_rope_store_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
 ):
     t = tl.program_id(0)
-    DTYPE: tl.constexpr = q_out_ptr.dtype.element_ty
+    DTYPE = q_out_ptr.dtype.element_ty
     HALF: tl.constexpr = HEAD_DIM // 2
     half = tl.arange(0, HALF)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -170,7 +170,7 @@ def _rmsnorm_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    DTYPE = out_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -219,7 +219,7 @@ def add_rmsnorm(
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_out, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    DTYPE: tl.constexpr = out_ptr.dtype.element_ty
+    DTYPE = out_ptr.dtype.element_ty
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
