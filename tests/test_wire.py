@@ -129,8 +129,7 @@ def test_messages_are_rebuilt_from_checked_values_only():
     assert msg == wire.Submit(5, [1, 2], {"max_tokens": 2, "stop_token_ids": [3, 4]}, False, 1.0, 0.0)
     assert msg.prompt_token_ids is not body["prompt_token_ids"]
     assert msg.params["stop_token_ids"] is not body["params"]["stop_token_ids"]
-    good = {"request_id": 1, "token_ids": [2], "finished": True, "finish_reason": "stop", "error": None,
-            "metrics": {"t": 1.0}}
+    good = wire.error_delta(1, "") | {"token_ids": [2], "finish_reason": "stop", "error": None, "metrics": {"t": 1.0}}
     out = wire.Codec(key).decode(signed(key, [S, E, 1, "outputs", {"deltas": [good | {"x": 1}], "stats": None}]))
     assert out.msg.deltas == [good]  # unknown delta keys are not carried on
 
@@ -139,8 +138,10 @@ def test_error_delta_is_a_valid_final_delta():
     key = wire.new_key()
     codec = wire.Codec(key)
     frame = codec.decode(codec.encode(wire.Outputs([wire.error_delta(9, "why")]), S, 1, E))
-    assert frame.msg.deltas == [{"request_id": 9, "token_ids": [], "finished": True, "finish_reason": "error",
-                                 "error": "why", "metrics": {}}]
+    assert frame.msg.deltas == [wire.error_delta(9, "why")]
+    d = frame.msg.deltas[0]
+    assert (d["request_id"], d["token_ids"], d["finished"], d["finish_reason"], d["error"]) == (9, [], True, "error",
+                                                                                               "why")
 
 
 def test_sequence_check():
@@ -261,8 +262,8 @@ def test_proxy_frames_are_numbered_in_order(session):
 def test_replayed_foreign_and_other_engine_frames_are_ignored(session):
     client, rank0 = session
     rs = stream_for(client, 1)
-    rank0.send(wire.Outputs([{"request_id": 1, "token_ids": [5], "finished": False, "finish_reason": None,
-                              "error": None, "metrics": {}}]), client.session)
+    rank0.send(wire.Outputs([wire.error_delta(1, "") | {"token_ids": [5], "finished": False, "finish_reason": None,
+                                                        "error": None}]), client.session)
     wait_for(lambda: rs.output.token_ids == [5])
     final = wire.Outputs([wire.error_delta(1, "not for you")])
     rank0.send(final, client.session, seq=2)  # replays the seq of the Outputs above

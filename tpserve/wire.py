@@ -189,8 +189,10 @@ def _token_ids(v: Any) -> list[int]:
     if type(v) is not list:
         raise ValueError(f"{_show(v)} is not a list of token ids")
     for i, t in enumerate(v):
-        if type(t) is not int or not 0 <= t < TOKEN_ID_LIMIT:
-            raise ValueError(f"token id {_show(t)} at position {i} is not an integer in [0, 2**31)")
+        if type(t) is not int:
+            raise ValueError(f"token id {_show(t)} at position {i} is not an integer")
+        if not 0 <= t < TOKEN_ID_LIMIT:  # no vocabulary is that large: the executor checks the real size
+            raise ValueError(f"token id {t} at position {i} is outside the vocabulary (beyond [0, 2**31))")
     return list(v)
 
 
