@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -190,6 +191,12 @@ def attention_cases(device: str, quick: bool, rng: random.Random) -> None:
             b = make_batch(rng, q_lens, ctx, heads, dtype, device, block_size)
             check_attention("varlen mixed", b, tri_attn.varlen_attention(*b.args()),
                             f"{tag} S{len(q_lens)} T{sum(q_lens)} ctx<={max(ctx)}")
+            # the same kind of step ordered decodes first, split between the two kernels by num_decodes
+            order = sorted(range(len(q_lens)), key=lambda j: q_lens[j] != 1)
+            q_lens, ctx = [q_lens[j] for j in order], [ctx[j] for j in order]
+            b = make_batch(rng, q_lens, ctx, heads, dtype, device, block_size)
+            check_attention("mixed, num_decodes split", b, tri_attn.paged_attention(*b.args(), num_decodes=n_dec),
+                            f"{tag} S{len(q_lens)} decodes {n_dec} T{sum(q_lens)}")
             # decode: lengths at the edges (1, block and tile boundaries, the maximum) and random
             edges = [1, block_size, block_size + 1, 64, 65, max_ctx]
             n = 4 if quick else 32
@@ -437,6 +444,12 @@ def timings(rng: random.Random) -> list[str]:
         ref = eager_time_us(lambda b=b: reference.paged_attention(*b.args()), reps=5)
         lines.append(f"| {label} | {tri:.1f} | {ref:.1f} |")
         print(lines[-1], flush=True)
+    lines += ["", "Mixed step with num_decodes (decodes first; decode kernel + varlen kernel):", ""]
+    b = make_batch(rng, [1] * 31 + [256], [1024] * 31 + [512], (16, 8, 128), torch.bfloat16, "cuda",
+                   share_prefix=False)
+    split = graph_time_us(lambda: tri_attn.paged_attention(*b.args(), num_decodes=31), calls=5, reps=10)
+    lines.append(f"| 31 decodes (ctx 1024) + chunk 256 over 256, num_decodes=31 | {split:.1f} | |")
+    print(lines[-1], flush=True)
     lines += ["", "## Fused small ops, bf16 (GPU time per call, both in CUDA graphs)", "",
               "| op | shape | Triton (us) | torch reference (us) |", "|---|---|---|---|"]
     for model, (hq, hkv, d, hidden, inter) in MODELS.items():
@@ -465,6 +478,43 @@ def timings(rng: random.Random) -> list[str]:
                           partial(reference.silu_and_mul, gu)),
             ]
             print("\n".join(lines[-3:]), flush=True)
+    return lines + launch_costs(rng)
+
+
+@triton.jit
+def _noop_kernel(x_ptr):
+    pass
+
+
+def launch_costs(rng: random.Random) -> list[str]:
+    """Host time per call when launched eagerly (prefill and mixed steps run eager) next to GPU time."""
+    lines = ["", "## Eager launch cost (host-bound wall time per call, bf16, Qwen3-0.6B shapes)", "",
+             "| call | eager (us) | GPU time in a graph (us) |", "|---|---|---|"]
+    x1 = torch.empty(1, device="cuda")
+    decode = make_batch(rng, [1], [512], (16, 8, 128), torch.bfloat16, "cuda", width=256)
+    prefill = make_batch(rng, [512], [512], (16, 8, 128), torch.bfloat16, "cuda")
+    qkv = torch.randn(512, 32 * 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.split([2048, 1024, 1024], -1)
+    q, k, v = q.unflatten(-1, (16, 128)), k.unflatten(-1, (8, 128)), v.unflatten(-1, (8, 128))
+    cos_sin = reference.build_cos_sin_cache(torch.rand(64, device="cuda"), 4096)
+    pos = torch.arange(512, device="cuda", dtype=torch.int32)
+    slots = torch.arange(16, 528, device="cuda", dtype=torch.int32)
+    w = torch.ones(128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    wh = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    calls = {
+        "empty Triton kernel, 1 argument": lambda: _noop_kernel[(1,)](x1),
+        "torch.empty_like (allocator)": lambda: torch.empty_like(x),
+        "paged_attention decode, S=1 ctx 512 (2 kernels)": lambda: tri_attn.paged_attention(*decode.args()),
+        "paged_attention varlen, 1 x 512 prompt": lambda: tri_attn.paged_attention(*prefill.args()),
+        "qk_norm_rope_store, T=512": lambda: tri_fused.qk_norm_rope_store(
+            q, k, v, pos, cos_sin, w, w, 1e-6, decode.k_cache, decode.v_cache, slots),
+        "add_rmsnorm, T=512": lambda: tri_fused.add_rmsnorm(x, x, wh, 1e-6),
+        "silu_and_mul, T=512": lambda: tri_fused.silu_and_mul(qkv),
+    }
+    for name, call in calls.items():
+        lines.append(f"| {name} | {eager_time_us(call, reps=200):.1f} | {graph_time_us(call):.1f} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -489,8 +539,6 @@ def main() -> int:
     failed = [r for r in RESULTS if not r.ok]
     env = f"torch {torch.__version__}"
     if on_gpu:
-        import triton
-
         env += f", triton {triton.__version__}, {torch.cuda.get_device_name()}"
     lines = [f"# tpserve.kernels on {env}", "",
              f"`{' '.join(sys.argv)}` (seed {args.seed}): {len(RESULTS)} checks, {len(failed)} failed; checks "

@@ -67,14 +67,16 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over the paged caches -> [T, Hq, D]. On CUDA: the split-KV decode
-    kernel when T == S, else the varlen kernel; both graph-capturable. Elsewhere: one SDPA per sequence."""
+    kernel when T == S, else the varlen kernel (with the first num_decodes single-query sequences, a host
+    count, sent to the decode kernel); graph-capturable. Elsewhere: one SDPA per sequence."""
     args = (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
     if backend_for(q) == "triton":
         from tpserve.kernels import attention
 
-        return attention.paged_attention(*args)
+        return attention.paged_attention(*args, num_decodes=num_decodes)
     return reference.paged_attention(*args)
 
 

@@ -210,10 +210,11 @@ def varlen_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     group, num_kv_heads = _check(q, k_cache, v_cache)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if num_tokens == 0:
         return out
     group_pad = next_power_of_2(group)
@@ -238,12 +239,13 @@ def decode_attention(
     block_tables: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [S, Hq, D], one query per sequence at position seq_lens[s] - 1. num_splits (a power of two) defaults
     to policy.num_kv_splits for this machine and these shapes."""
     group, num_kv_heads = _check(q, k_cache, v_cache)
     num_seqs, num_q_heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if num_seqs == 0:
         return out
     if num_splits is None:
@@ -277,8 +279,21 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
-    """The decode kernel when every sequence brings one query (T == S, a shape fact), else the varlen one."""
-    if attention_path(q.shape[0], seq_lens.shape[0]) == "decode":
+    """The decode kernel when every sequence brings one query (T == S, a shape fact), else the varlen one.
+
+    num_decodes > 0 says that the first num_decodes sequences bring one query each (decodes first, as the
+    scheduler orders a mixed step): they go to the split-KV decode kernel, the rest to the varlen kernel,
+    instead of one varlen program walking each decode's whole context alone."""
+    num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
+    if attention_path(num_tokens, num_seqs) == "decode":
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
-    return varlen_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
+    if not 0 < num_decodes < num_seqs:
+        return varlen_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
+    out = torch.empty_like(q)
+    nd = num_decodes
+    decode_attention(q[:nd], k_cache, v_cache, seq_lens[:nd], block_tables[:nd], scale, out=out[:nd])
+    varlen_attention(q[nd:], k_cache, v_cache, query_start_loc[nd:] - nd, seq_lens[nd:], block_tables[nd:], scale,
+                     out=out[nd:])
+    return out
