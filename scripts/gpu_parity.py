@@ -35,9 +35,11 @@ def tp_logits(model_dir: str, out: str) -> None:
     init_tensor_parallel(comm, device)
     tp = TPContext(comm.Get_rank(), comm.Get_size())
     model, config = load_model(model_dir, tp, device, torch.bfloat16)
-    kv = KVCache(config, tp.size, len(PROMPTS), 256, device, torch.bfloat16)
+    per_seq = 256 // 16
+    kv = KVCache(config, tp.size, 1 + per_seq * len(PROMPTS), 16, device, torch.bfloat16)
     ids = torch.tensor([t for p in PROMPTS for t in p], device=device)
-    meta, pos = AttentionMetadata.build(list(range(len(PROMPTS))), [0] * len(PROMPTS), [len(p) for p in PROMPTS], device)
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(len(PROMPTS))]
+    meta, pos = AttentionMetadata.build(tables, [0] * len(PROMPTS), [len(p) for p in PROMPTS], 16, device)
     with torch.inference_mode():
         logits = model(ids, pos, meta, kv).float().cpu()
     if tp.rank == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -100,14 +101,20 @@ def model_greedy(model, config, prompts: list[list[int]], max_new_tokens: int, c
 
     from tpserve.model import AttentionMetadata, KVCache
 
-    kv = KVCache(config, tp_size, len(prompts), max(map(len, prompts)) + max_new_tokens, "cpu", torch.float32)
+    block_size = 4  # small blocks, handed out in a shuffled order: tables that jump around the pool
+    per_seq = -(-(max(map(len, prompts)) + max_new_tokens) // block_size)
+    order = list(range(1, 1 + per_seq * len(prompts)))
+    random.Random(0).shuffle(order)
+    tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(len(prompts))]
+    kv = KVCache(config, tp_size, 1 + per_seq * len(prompts), block_size, "cpu", torch.float32)
     cached = [0] * len(prompts)
     outputs: list[list[int]] = [[] for _ in prompts]
     all_logits = []
     active = list(range(len(prompts)))
     while active:
         pending = [(prompts[i] + outputs[i])[cached[i]:][:chunk] for i in active]
-        meta, positions = AttentionMetadata.build(active, [cached[i] for i in active], list(map(len, pending)), "cpu")
+        meta, positions = AttentionMetadata.build([tables[i] for i in active], [cached[i] for i in active],
+                                                  list(map(len, pending)), block_size, "cpu")
         logits = model(torch.tensor(sum(pending, [])), positions, meta, kv)
         assert logits.shape == (len(active), config.vocab_size) and logits.dtype == torch.float32
         all_logits.append(logits)

@@ -88,7 +88,7 @@ def test_bad_requests_fail_alone(llm):
         "empty": ([], "prompt is empty"),
         "too long": (prompt(9, 120), "exceeds max_seq_len 128"),
         "out of vocab": ([1, 2, vocab], f"outside the vocabulary \\[0, {vocab}\\)"),
-        "negative": ([1, -5, 2], "outside the vocabulary"),
+        "negative": ([1, -5, 2], "token id -5 at position 1"),
     }
     expected_good = [llm.generate([p], GREEDY)[0].token_ids for p in good]
     mixed = [good[0], bad["empty"][0], good[1], bad["too long"][0], bad["out of vocab"][0], bad["negative"][0], good[2]]

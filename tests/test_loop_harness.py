@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tpserve import wire
+from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.executor import Executor, ExecutorConfig
 from tpserve.executor.request import RequestDelta
 from tpserve.executor.sampler import Sampler
@@ -50,27 +51,28 @@ def reference(prompt: list[int], params: SamplingParams, eos: tuple[int, ...]) -
 
 
 class FakeRunner:
-    """Writes each scheduled token into its KV location, then predicts from the locations of the sequence."""
+    """Writes each scheduled token into its KV slot, then predicts from the slots of the whole sequence."""
 
-    def __init__(self) -> None:
-        self.kv: dict[tuple[int, int], int] = {}
+    def __init__(self, blocks: BlockManager) -> None:
+        self.blocks = blocks
+        self.kv: dict[int, int] = {}
 
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
                 prev_rows: dict[int, int] | None = None) -> torch.Tensor:
         logits = torch.zeros(len(batch), VOCAB)
         for row, seq in enumerate(batch.seqs):
             req = seq.request
-            assert req.slot is not None, f"request {req.request_id} is scheduled without KV (freed too early)"
+            rid = req.request_id
             known = req.prompt_token_ids + req.output_token_ids
             for pos in range(seq.start_pos, seq.start_pos + seq.num_tokens):
                 if pos < len(known):
                     token = known[pos]
                 else:  # sampled by the previous step, still "on the device"
                     assert prev_tokens is not None and prev_rows is not None and pos == len(known)
-                    token = int(prev_tokens[prev_rows[req.request_id]])
-                self.kv[(req.slot, pos)] = token
+                    token = int(prev_tokens[prev_rows[rid]])
+                self.kv[self.blocks.slot(rid, pos)] = token  # raises for a request without blocks
             end = seq.start_pos + seq.num_tokens
-            logits[row, next_token([self.kv[(req.slot, p)] for p in range(end)])] = 50.0
+            logits[row, next_token([self.kv[self.blocks.slot(rid, p)] for p in range(end)])] = 50.0
         return logits
 
 
@@ -115,8 +117,12 @@ def make_engine(rng: random.Random, mode: str, interval: int, gpu_order: bool):
     config = ExecutorConfig(VOCAB, MAX_SEQ_LEN, (EOS,), stream_interval=interval,
                             enable_overlap=mode != "plain", early_first_token=mode == "overlap+early")
     published: list[RequestDelta] = []
-    executor = Executor(config, FakeQueue(), Scheduler(num_slots=4, max_num_tokens=rng.choice([3, 8, 64])),
-                        FakeRunner(), Sampler(torch.device("cpu"), 0), published.extend, torch.device("cpu"))
+    block_size = rng.choice([1, 2, 4, 16])
+    capacity = rng.choice([20, 32, 64, 400])  # tokens; the largest request needs 19: small pools preempt
+    blocks = BlockManager(-(-capacity // block_size) + 1, block_size, enable_prefix_caching=rng.random() < 0.7)
+    scheduler = Scheduler(blocks, max_batch_size=rng.choice([1, 4, 16]), max_num_tokens=rng.choice([3, 8, 64]))
+    executor = Executor(config, FakeQueue(), scheduler, FakeRunner(blocks), Sampler(torch.device("cpu"), 0),
+                        published.extend, torch.device("cpu"))
     if gpu_order:
         executor.new_event = lambda: FakeEvent(rng)
     return executor, published
@@ -131,7 +137,7 @@ def random_params(rng: random.Random, prompt: list[int]) -> SamplingParams:
                           ignore_eos=rng.random() < 0.5, seed=rng.choice([None, 7]))
 
 
-def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> None:
+def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> int:
     rng = random.Random(seed)
     executor, published = make_engine(rng, mode, interval, gpu_order)
     lives: dict[int, list[Life]] = {}
@@ -196,13 +202,14 @@ def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> None:
     assert stats["running"] == stats["waiting"] == 0
     assert stats["kv_cache_usage"] == 0
     assert not executor.requests
+    return stats["num_preemptions"]
 
 
 @pytest.mark.parametrize("gpu_order", [False, True])
 @pytest.mark.parametrize("mode", ["plain", "overlap", "overlap+early"])
 def test_random_workloads(mode, gpu_order):
-    for seed in range(60):
-        run_workload(seed, mode, interval=1 + seed % 4, gpu_order=gpu_order)
+    preemptions = [run_workload(seed, mode, interval=1 + seed % 4, gpu_order=gpu_order) for seed in range(60)]
+    assert sum(p > 0 for p in preemptions) >= 5  # the small pools did preempt
 
 
 def test_first_token_stop_beside_a_normal_request():

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from tpserve.model import AttentionMetadata, KVCache, ModelConfig, TPContext, load_model, make_model
+from tpserve.model import AttentionMetadata, ModelConfig, TPContext, load_model, make_model
+from tpserve.model.attention import paged_attention_reference
 from tpserve.model.llama import rope_inv_freq
 
 PROMPTS = [
@@ -197,20 +198,51 @@ def test_make_model_with_tokenizer(tmp_path: Path) -> None:
 
 
 def test_attention_metadata_build() -> None:
-    meta, positions = AttentionMetadata.build([3, 0, 5], [4, 0, 9], [2, 3, 1], "cpu")
-    assert positions.tolist() == [4, 5, 0, 1, 2, 9]
-    assert meta.token_slots.tolist() == [3, 3, 0, 0, 0, 5]
-    assert meta.last_token_index.tolist() == [1, 4, 5]
-    assert meta.slot_ids.tolist() == [3, 0, 5]
-    assert meta.context_lens.tolist() == meta.context_lens_host == [6, 3, 10]
-    assert meta.query_lens == [2, 3, 1] and not meta.is_decode
+    meta, positions = AttentionMetadata.build([[7, 6], [3, 2], [5, 1, 4]], [4, 0, 9], [1, 3, 2], 4, "cpu")
+    assert positions.tolist() == [4, 0, 1, 2, 9, 10]
+    assert meta.slot_mapping.tolist() == [6 * 4 + 0, 3 * 4 + 0, 3 * 4 + 1, 3 * 4 + 2, 4 * 4 + 1, 4 * 4 + 2]
+    assert meta.query_start_loc.tolist() == [0, 1, 4, 6]
+    assert meta.seq_lens.tolist() == [5, 3, 11]
+    assert meta.last_token_index.tolist() == [0, 3, 5]
+    assert meta.block_tables.tolist() == [[7, 6, 0], [3, 0, 0], [5, 1, 4]]
+    assert (meta.num_decodes, meta.max_query_len, meta.max_decode_seq_len, meta.max_prefill_seq_len) == (1, 3, 5, 11)
     with pytest.raises(ValueError, match="at least one new token"):
-        AttentionMetadata.build([0], [0], [0], "cpu")
+        AttentionMetadata.build([[1]], [0], [0], 4, "cpu")
+    with pytest.raises(ValueError, match="cannot hold"):
+        AttentionMetadata.build([[1]], [4], [1], 4, "cpu")
 
 
-def test_context_beyond_cache_is_refused(model_dirs: dict[tuple[str, bool], Path]) -> None:
-    model, config = load_model(model_dirs[("llama", False)], TPContext(), "cpu", torch.float32)
-    kv = KVCache(config, 1, 1, 8, "cpu", torch.float32)
-    meta, positions = AttentionMetadata.build([0], [4], [5], "cpu")
-    with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
-        model(torch.arange(5), positions, meta, kv)
+def loop_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale):
+    """The obviously correct per-sequence attention that the batched reference must equal."""
+    out = torch.empty_like(q)
+    bs = k_cache.shape[1]
+    for s in range(len(seq_lens)):
+        start, end, n = int(qsl[s]), int(qsl[s + 1]), int(seq_lens[s])
+        slots = [int(tables[s][p // bs]) * bs + p % bs for p in range(n)]
+        keys, values = k_cache.flatten(0, 1)[slots], v_cache.flatten(0, 1)[slots]
+        group = q.shape[1] // k_cache.shape[2]
+        for i in range(end - start):
+            pos = n - (end - start) + i
+            for h in range(q.shape[1]):
+                scores = (keys[: pos + 1, h // group] @ q[start + i, h]) * scale
+                out[start + i, h] = torch.softmax(scores, 0) @ values[: pos + 1, h // group]
+    return out
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2), (8, 1)])
+def test_paged_attention_reference_equals_a_loop(hq, hkv) -> None:
+    """Mixed decodes and chunks with cached prefixes, shuffled tables with holes, a shared prefix block."""
+    gen = torch.Generator().manual_seed(0)
+    bs, d = 4, 8
+    k_cache = torch.randn(20, bs, hkv, d, generator=gen)
+    v_cache = torch.randn(20, bs, hkv, d, generator=gen)
+    tables = [[3, 9], [3, 7, 12, 1], [5], [17, 2, 8]]  # block 3 shared by two sequences
+    seq_lens, qlens = [6, 15, 2, 9], [1, 5, 2, 9]
+    qsl = [0, *torch.tensor(qlens).cumsum(0).tolist()]
+    q = torch.randn(sum(qlens), hq, d, generator=gen)
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    got = paged_attention_reference(q, k_cache, v_cache, torch.tensor(qsl, dtype=torch.int32),
+                                    torch.tensor(seq_lens, dtype=torch.int32), padded, d**-0.5)
+    want = loop_attention(q, k_cache, v_cache, qsl, seq_lens, tables, d**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

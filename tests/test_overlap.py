@@ -191,3 +191,26 @@ def test_rank_divergence_is_caught_with_a_message():
         assert time.monotonic() - start < 20
         assert out.finish_reason == "error"
         assert "ranks diverged at iteration 4" in out.error and "ranks [1]" in out.error, out.error
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_first_token_stop_and_tiny_temperatures_end_alone(reference, tp):
+    """Issue 8: a request whose first token stops it (in a batch beside a normal one) killed every rank in
+    the overlap loop; a tiny temperature overflowed the logits. Now each ends alone, in every mode."""
+    for mode in MODES:
+        with LLM(model=str(built_model("llama")), tensor_parallel_size=tp, max_seq_len=64, max_batch_size=8,
+                 **MODES[mode]) as llm:
+            normal = SamplingParams(max_tokens=REF_TOKENS, temperature=0, ignore_eos=True)
+            stop_first = SamplingParams(max_tokens=REF_TOKENS, temperature=0, ignore_eos=True,
+                                        stop_token_ids=[reference[0][0]])
+            streams = [llm.generate_stream(PROMPTS[0], stop_first), llm.generate_stream(PROMPTS[1], normal)]
+            for t in (1e-40, 1e-300, 5e-324):
+                streams.append(llm.generate_stream(PROMPTS[2], SamplingParams(max_tokens=REF_TOKENS, temperature=t,
+                                                                               ignore_eos=True)))
+            outs = [s.result(timeout=60) for s in streams]
+            assert (outs[0].token_ids, outs[0].finish_reason) == (reference[0][:1], "stop"), mode
+            assert outs[1].token_ids == reference[1], mode
+            assert all(o.token_ids == reference[2] for o in outs[2:]), mode  # tiny temperature == greedy
+            after = llm.generate([PROMPTS[3], PROMPTS[0]], normal, use_tqdm=False)
+            assert [o.token_ids for o in after] == [reference[3], reference[0]], mode
+            assert llm.stats()["dead"] is None

@@ -133,7 +133,7 @@ class Goodbye(Message):
 def error_delta(request_id: int, why: str) -> dict[str, Any]:
     """The delta that ends one request with an error, in the executor's ``RequestDelta`` form."""
     return {"request_id": request_id, "token_ids": [], "finished": True, "finish_reason": "error", "error": why,
-            "metrics": {}}
+            "metrics": {}, "num_cached_tokens": None}
 
 
 # -- schemas: every field of every kind is checked, and messages are rebuilt from checked values only -----
@@ -228,9 +228,13 @@ def _params(v: Any) -> dict[str, Any]:
     return _plain(v, 2)
 
 
+def _opt_count(v: Any) -> int | None:
+    return None if v is None else _count(v)
+
+
 DELTA_FIELDS: dict[str, Callable[[Any], Any]] = {
     "request_id": _int64, "token_ids": _token_ids, "finished": _bool, "finish_reason": _opt_str,
-    "error": _opt_str, "metrics": _plain_dict,
+    "error": _opt_str, "metrics": _plain_dict, "num_cached_tokens": _opt_count,
 }
 
 

@@ -8,9 +8,10 @@ Overlap iteration k (the device keeps batch k-1's sampled tokens, so launching k
   4 early emission: publish the responses of every request whose first token came from k-1
     (when those tokens are already on the host at step 1, steps 3-4 run before step 2: see below)
   5 launch sampling k (device -> pinned host copy + event)
-  6 collect k-1's other responses; publish them (the "final" publish point)
-  7 free the requests whose end was published: only now, after k's launches, since batch k (scheduled
-    before k-1's tokens were known) may still hold a request that k-1's token ended
+  6 collect k-1's other responses
+  7 free the requests whose end is decided: only now, after k's launches, since batch k (scheduled
+    before k-1's tokens were known) may still hold a request that k-1's token ended; then publish (the
+    "final" publish point)
 Where a response is decided: ``_delta`` (one rule for first tokens, chunks and ends); published:
 ``_publish`` at two points, "early" and "final"; freed: ``_free_ended``.
 Symmetry rule: every publish point publishes on every rank, an empty list where there is nothing, so
@@ -142,12 +143,15 @@ class Executor:
         self.iteration += 1
 
     def stats(self) -> dict[str, float | int | bool]:
-        num_slots = self.scheduler.num_slots
+        blocks = self.scheduler.blocks
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "iteration_time_s": self.iteration_time,
-            "kv_cache_usage": 1.0 - len(self.scheduler.free_slots) / num_slots,
+            "kv_cache_usage": blocks.usage,
+            "prefix_cache_hit_rate": blocks.prefix_cache_hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_free_blocks": blocks.num_free_blocks,
             "shutting_down": self.shutting_down,
         }
 
@@ -244,6 +248,13 @@ class Executor:
                 f"prompt length {len(prompt)} + max_tokens {params.max_tokens} exceeds "
                 f"max_seq_len {self.config.max_seq_len}"
             )
+        blocks = self.scheduler.blocks
+        capacity = (blocks.num_blocks - 1) * blocks.block_size
+        if len(prompt) + params.max_tokens > capacity:
+            raise ValueError(
+                f"prompt length {len(prompt)} + max_tokens {params.max_tokens} can never fit the KV cache pool "
+                f"of {capacity} tokens (kv_cache_tokens)"
+            )
 
     # -- steps -----------------------------------------------------------------------------------------
 
@@ -329,6 +340,7 @@ class Executor:
         delta.first = first
         if first or req.finished:
             delta.metrics = dict(req.metrics)
+            delta.num_cached_tokens = req.num_cached_tokens
         if req.finished:
             req.ended = True
             self.ended.append(req)
@@ -353,10 +365,11 @@ class Executor:
         self.ended.clear()
 
     def _flush(self) -> None:
-        """The iteration's last publish point, after every launch: publish, then free what ended."""
+        """The iteration's last publish point, after every launch: free what ended (so the stats that ride
+        along say so), then publish."""
+        self._free_ended()
         deltas, self.deltas = self.deltas, []
         self._publish(deltas, "final")
-        self._free_ended()
 
     def _publish(self, deltas: list[RequestDelta], point: str) -> None:
         """Every rank calls this at the same points; the first-token publish time is stamped here."""

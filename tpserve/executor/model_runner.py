@@ -1,17 +1,20 @@
-"""Turns a scheduled batch into model inputs and runs the forward pass of this rank's shard."""
+"""Turns a scheduled batch into model inputs (token ids and the paged-attention metadata) and runs the
+forward pass of this rank's shard."""
 
 from __future__ import annotations
 
 import torch
 
+from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.scheduler import ScheduledBatch
 from tpserve.model import AttentionMetadata, KVCache, LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCache, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockManager, device: torch.device) -> None:
         self.model = model
         self.kv = kv
+        self.blocks = blocks
         self.device = device
 
     @torch.inference_mode()
@@ -46,9 +49,10 @@ class ModelRunner:
             src = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
             input_ids.index_copy_(0, index, prev_tokens.index_select(0, src))
         meta, positions = AttentionMetadata.build(
-            [s.request.slot for s in batch.seqs],
+            [self.blocks.block_table(s.request.request_id) for s in batch.seqs],
             [s.start_pos for s in batch.seqs],
             [s.num_tokens for s in batch.seqs],
+            self.blocks.block_size,
             self.device,
         )
         return self.model(input_ids, positions, meta, self.kv)

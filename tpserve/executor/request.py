@@ -22,6 +22,7 @@ class RequestDelta:
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     first: bool = False  # carries the request's first token
+    num_cached_tokens: int | None = None  # sent with the first response
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -31,10 +32,11 @@ class RequestDelta:
             "finish_reason": self.finish_reason,
             "error": self.error,
             "metrics": self.metrics,
+            "num_cached_tokens": self.num_cached_tokens,
         }
 
 
-@dataclass
+@dataclass(eq=False)  # identity: an id may be reused after an abort, and lists are searched by identity
 class Request:
     request_id: int
     prompt_token_ids: list[int]
@@ -46,7 +48,8 @@ class Request:
     num_computed: int = 0
     # Tokens sampled on the device whose values the host does not know yet (overlap loop: 0 or 1).
     num_pending: int = 0
-    slot: int | None = None
+    num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache at first admission
+    num_cached_blocks: int = 0  # leading full blocks already offered to the prefix cache
     generator: torch.Generator | None = None
     num_published: int = 0
     finished: bool = False
@@ -58,10 +61,6 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt + outputs, including a sampled token still on the device."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_token_ids)
 
     def stamp(self, name: str) -> None:
         """Records the first time of a metric (rank 0's wall clock; other ranks record theirs)."""

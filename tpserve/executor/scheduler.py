@@ -1,10 +1,13 @@
-"""Continuous batching: which requests run in the next step, and how many tokens each computes."""
+"""Continuous batching over the paged KV cache: which requests run in the next step, how many tokens each
+computes, and which request gives its blocks back when the pool runs dry. Replicated on every rank: the same
+state and the same calls give the same batch everywhere."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.request import Request
 
 
@@ -18,61 +21,118 @@ class ScheduledSeq:
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[ScheduledSeq]
+    seqs: list[ScheduledSeq]  # decodes (one new token) first, then prefill chunks
 
     def __len__(self) -> int:
         return len(self.seqs)
 
 
 class Scheduler:
-    """Every step: one decode token for each running request, then prompt (chunks) of waiting ones while
-    the token budget and the KV slots allow. Each slot holds one sequence of up to ``max_seq_len``
-    tokens, which admission checked, so a request that holds a slot can always run to its end."""
+    """Every step: one token for each running decode, then prefill chunks (running ones, then waiting ones,
+    oldest first) while the ``max_num_tokens`` budget, ``max_batch_size`` and the free blocks allow.
 
-    def __init__(self, num_slots: int, max_num_tokens: int) -> None:
-        self.num_slots = num_slots
+    When a running request needs a block and none is free, the most recently admitted running request not
+    already in this step is preempted: its blocks are freed and it waits at the head of the queue, to be
+    recomputed from its prompt and the tokens it has generated (whose KV the prefix cache may still hold)."""
+
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
-        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order
+        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_tokens
-        seqs: list[ScheduledSeq] = []
-        for req in self.running:
-            if budget == 0:
+        self.budget = self.max_num_tokens
+        self.seqs: list[ScheduledSeq] = []
+        for req in [r for r in self.running if r.num_tokens - r.num_computed == 1]:
+            if self.budget > 0 and req in self.running and not self._done_soon(req):
+                self._run(req, 1)
+        for req in [r for r in self.running if r.num_tokens - r.num_computed > 1]:
+            if self.budget > 0 and req in self.running:
+                self._run(req, req.num_tokens - req.num_computed)
+        while self.waiting and self.budget > 0 and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            if req.num_pending:  # preempted with a token still on the device: resume once it is known
                 break
-            if req.in_prefill:  # a chunked prompt that did not fit last step
-                n = min(len(req.prompt_token_ids) - req.num_computed, budget)
-            elif len(req.output_token_ids) + req.num_pending >= req.params.max_tokens:
-                continue  # its last token is already on the way (overlap): computing more is waste
-            else:
-                n = 1
-            seqs.append(self._take(req, n))
-            budget -= n
-        while self.waiting and self.free_slots and budget > 0:
-            req = self.waiting.popleft()
-            req.slot = self.free_slots.pop()
+            cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids)
+            if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
+                req.num_cached_tokens = cached
+            req.num_computed = cached
+            n = self._fit(req, req.num_tokens - cached)
+            if n == 0:
+                self.blocks.free(req.request_id)
+                req.num_computed = 0
+                break
+            self.waiting.popleft()
             self.running.append(req)
-            seqs.append(self._take(req, min(len(req.prompt_token_ids), budget)))
-            budget -= seqs[-1].num_tokens
-        return ScheduledBatch(seqs)
+            self._take(req, n)
+        batch = ScheduledBatch(self.seqs)
+        for seq in batch.seqs:
+            self._cache(seq.request)
+        return batch
 
     @staticmethod
-    def _take(req: Request, n: int) -> ScheduledSeq:
+    def _done_soon(req: Request) -> bool:
+        """Its last token is already on the way (overlap): computing more would be waste."""
+        return len(req.output_token_ids) + req.num_pending >= req.params.max_tokens
+
+    def _run(self, req: Request, want: int) -> None:
+        """Schedules up to ``want`` tokens of a running request, preempting newer requests for blocks."""
+        while True:
+            n = self._fit(req, want)
+            if n == want or (n > 0 and want > 1):  # a prefill chunk may shrink to what fits
+                self._take(req, n)
+                return
+            victim = next((r for r in reversed(self.running) if r is not req and not self._scheduled(r)), None)
+            if victim is None or self.running.index(victim) < self.running.index(req):
+                self.preempt(req)  # req is the newest that could give blocks back
+                return
+            self.preempt(victim)
+
+    def _fit(self, req: Request, want: int) -> int:
+        """Grows req's block table for as many of ``want`` next tokens as the budget and the pool allow."""
+        n = min(want, self.budget)
+        if self.blocks.grow(req.request_id, req.num_computed + n):
+            return n
+        table = len(self.blocks.block_table(req.request_id))
+        room = (table + self.blocks.num_free_blocks) * self.blocks.block_size - req.num_computed
+        n = min(n, room)
+        return n if n > 0 and self.blocks.grow(req.request_id, req.num_computed + n) else 0
+
+    def _scheduled(self, req: Request) -> bool:
+        return any(s.request is req for s in self.seqs)
+
+    def _take(self, req: Request, n: int) -> None:
         start = req.num_computed
         req.num_computed += n
-        return ScheduledSeq(req, start, n, samples=req.num_computed == req.num_tokens)
+        self.budget -= n
+        self.seqs.append(ScheduledSeq(req, start, n, samples=req.num_computed == req.num_tokens))
+
+    def _cache(self, req: Request) -> None:
+        """Offers the request's newly filled blocks whose tokens are all known to the prefix cache."""
+        known = min(req.num_computed, len(req.prompt_token_ids) + len(req.output_token_ids))
+        if known // self.blocks.block_size > req.num_cached_blocks:
+            self.blocks.cache_blocks(req.request_id, req.prompt_token_ids + req.output_token_ids, known)
+            req.num_cached_blocks = known // self.blocks.block_size
+
+    def preempt(self, req: Request) -> None:
+        """Frees a running request's blocks; it waits at the head of the queue to be recomputed."""
+        self.running.remove(req)
+        self.blocks.free(req.request_id)
+        req.num_computed = 0
+        req.num_cached_blocks = 0
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
 
     def remove(self, request: Request) -> None:
-        """Frees the request's slot, whether it was running or waiting."""
+        """Frees the request's blocks, whether it was running or waiting."""
         if request in self.running:
             self.running.remove(request)
+            self.blocks.free(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)
-        if request.slot is not None:
-            self.free_slots.append(request.slot)
-            request.slot = None

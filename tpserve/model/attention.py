@@ -1,11 +1,17 @@
-"""Attention over a contiguous per-slot KV cache for a flat batch that mixes prefill chunks and decodes."""
+"""Attention over a paged KV cache for a flat batch that mixes decodes and prefill chunks.
+
+The cache is a pool of blocks per layer, ``[num_blocks, block_size, kv_heads, head_dim]``; a sequence's
+tokens live in the blocks its block table names. Block 0 is never given to a sequence: padding rows write
+there, so kernels need no branch for them. One step is described by device tensors only (``AttentionMetadata``),
+built on the host and sent with one packed copy, so the same metadata drives this plain-torch reference,
+the Triton kernels and CUDA-graph replays.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
-from itertools import accumulate
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,141 +21,161 @@ from tpserve.model.config import ModelConfig
 
 @dataclass
 class AttentionMetadata:
-    """Describes one forward over a flat batch of T new tokens from S sequences (prefill chunks and decodes mixed)."""
+    """One forward over T new tokens of S sequences; the first ``num_decodes`` sequences add one token each.
 
-    slot_ids: torch.Tensor  # int64 [S] on device: KV cache slot (row) of each sequence
-    context_lens: torch.Tensor  # int64 [S] on device: tokens in the cache after this step (cached + new)
-    query_lens: list[int]  # host: new tokens of each sequence (sum == T)
-    context_lens_host: list[int]  # host copy of context_lens
-    token_slots: torch.Tensor  # int64 [T] on device: slot of each new token
-    last_token_index: torch.Tensor  # int64 [S] on device: index into T of each sequence's last new token
+    Query i of sequence s sits at position ``seq_lens[s] - q_len[s] + i`` and attends causally to the
+    sequence's keys 0..that position, read through ``block_tables[s]``."""
+
+    query_start_loc: torch.Tensor  # int32 [S + 1]: where each sequence's queries start in T
+    seq_lens: torch.Tensor  # int32 [S]: context length after this step (cached + new)
+    block_tables: torch.Tensor  # int32 [S, W]: the blocks of each sequence, unused entries 0
+    slot_mapping: torch.Tensor  # int64 [T]: block * block_size + offset, where each new token's k/v go
+    last_token_index: torch.Tensor  # int64 [S]: index into T of each sequence's last new token
+    num_decodes: int  # host scalars, not per sequence: sizes for the reference's padding
+    max_query_len: int
+    max_decode_seq_len: int
+    max_prefill_seq_len: int
 
     @classmethod
     def build(
         cls,
-        slot_ids: list[int],
+        block_tables: list[list[int]],
         start_positions: list[int],
         query_lens: list[int],
+        block_size: int,
         device: torch.device | str,
     ) -> tuple[AttentionMetadata, torch.Tensor]:
-        """Builds the metadata and the positions tensor [T] from host lists with one host->device copy.
+        """Builds the metadata and the positions tensor [T] with one host-to-device copy.
 
         Sequence i's new tokens sit at positions start_positions[i] .. start_positions[i] + query_lens[i] - 1.
-        """
-        if not len(slot_ids) == len(start_positions) == len(query_lens):
-            raise ValueError("slot_ids, start_positions and query_lens must have the same length")
+        Decodes (one new token) must come first."""
+        s = len(query_lens)
+        if not len(block_tables) == len(start_positions) == s:
+            raise ValueError("block_tables, start_positions and query_lens must have the same length")
         if not query_lens or min(query_lens) < 1:
             raise ValueError(f"every sequence needs at least one new token, got query_lens={query_lens}")
-        context_lens = [start + n for start, n in zip(start_positions, query_lens, strict=True)]
-        last_token_index = [end - 1 for end in accumulate(query_lens)]
-        token_slots = [slot for slot, n in zip(slot_ids, query_lens, strict=True) for _ in range(n)]
-        positions = [
-            p for start, n in zip(start_positions, query_lens, strict=True) for p in range(start, start + n)
-        ]
+        num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), s)
+        qlens = np.asarray(query_lens, dtype=np.int64)
+        starts = np.asarray(start_positions, dtype=np.int64)
+        seq_lens = starts + qlens
+        width = max(-(-int(seq_lens.max()) // block_size), 1)
+        tables = np.zeros((s, width), dtype=np.int64)
+        for i, table in enumerate(block_tables):
+            need = -(-int(seq_lens[i]) // block_size)
+            if len(table) < need:
+                raise ValueError(f"sequence {i}: {len(table)} blocks cannot hold {int(seq_lens[i])} tokens")
+            tables[i, :need] = table[:need]
+        qsl = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(qlens, out=qsl[1:])
+        seq_of_token = np.repeat(np.arange(s), qlens)
+        positions = np.arange(int(qsl[-1])) - qsl[:-1][seq_of_token] + starts[seq_of_token]
+        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
         device = torch.device(device)
-        host = torch.tensor(
-            slot_ids + context_lens + last_token_index + token_slots + positions,
-            dtype=torch.int64,
-            pin_memory=device.type == "cuda",
-        )
-        s, t = len(slot_ids), len(positions)
+        host = torch.from_numpy(np.concatenate([qsl, seq_lens, qsl[1:] - 1, slots, positions, tables.ravel()]))
+        if device.type == "cuda":
+            host = host.pin_memory()
         packed = host.to(device, non_blocking=True)
+        t = int(qsl[-1])
+        parts = torch.split(packed, [s + 1, s, s, t, t, s * width])
         meta = cls(
-            slot_ids=packed[:s],
-            context_lens=packed[s : 2 * s],
-            query_lens=list(query_lens),
-            context_lens_host=context_lens,
-            token_slots=packed[3 * s : 3 * s + t],
-            last_token_index=packed[2 * s : 3 * s],
+            query_start_loc=parts[0].int(),
+            seq_lens=parts[1].int(),
+            block_tables=parts[5].view(s, width).int(),
+            slot_mapping=parts[3],
+            last_token_index=parts[2],
+            num_decodes=num_decodes,
+            max_query_len=int(qlens.max()),
+            max_decode_seq_len=int(seq_lens[:num_decodes].max()) if num_decodes else 0,
+            max_prefill_seq_len=int(seq_lens[num_decodes:].max()) if num_decodes < s else 0,
         )
-        return meta, packed[3 * s + t :]
-
-    @cached_property
-    def is_decode(self) -> bool:
-        """Every sequence adds exactly one token: one batched attention serves them all."""
-        return max(self.query_lens) == 1
-
-    @cached_property
-    def decode_key_mask(self) -> torch.Tensor:
-        """[S, 1, 1, L] bool, True where key position < context_len; shared by every layer of a forward."""
-        keys = torch.arange(max(self.context_lens_host), device=self.context_lens.device)
-        return (keys[None, :] < self.context_lens[:, None])[:, None, None, :]
-
-    @cached_property
-    def decode_group(self) -> DecodeGroup | None:
-        """In a mixed step, the single-token sequences, attended in one batch instead of one by one (a step
-        with any prefill would otherwise loop over every running sequence in every layer)."""
-        rows = [i for i, n in enumerate(self.query_lens) if n == 1]
-        if self.is_decode or len(rows) < 2:
-            return None
-        device = self.context_lens.device
-        host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
-        index = host.to(device, non_blocking=True)
-        context_lens = self.context_lens.index_select(0, index)
-        max_len = max(self.context_lens_host[i] for i in rows)
-        keys = torch.arange(max_len, device=device)
-        return DecodeGroup(
-            rows=set(rows),
-            token_index=self.last_token_index.index_select(0, index),
-            slot_ids=self.slot_ids.index_select(0, index),
-            max_len=max_len,
-            key_mask=(keys[None, :] < context_lens[:, None])[:, None, None, :],
-        )
-
-    @cached_property
-    def prefill_masks(self) -> list[torch.Tensor | None]:
-        """Per sequence: causal mask [q, ctx] offset by the cached prefix, or None when no mask is needed.
-
-        None means plain causal attention (no cached prefix) or, for a single query, no masking at all.
-        """
-        masks: list[torch.Tensor | None] = []
-        device = self.context_lens.device
-        for n, ctx in zip(self.query_lens, self.context_lens_host, strict=True):
-            if n == 1 or n == ctx:
-                masks.append(None)
-                continue
-            queries = torch.arange(ctx - n, ctx, device=device)
-            masks.append(torch.arange(ctx, device=device)[None, :] <= queries[:, None])
-        return masks
+        return meta, parts[4]
 
 
-@dataclass
-class DecodeGroup:
-    rows: set[int]  # sequence indices
-    token_index: torch.Tensor  # [Sd] their tokens' indices into T
-    slot_ids: torch.Tensor  # [Sd]
-    max_len: int
-    key_mask: torch.Tensor  # [Sd, 1, 1, max_len]
+def store_kv_reference(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Writes new k/v [T, Hkv, D] into the pool [num_blocks, block_size, Hkv, D] at their slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping.long(), k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """The oracle: q [T, Hq, D] -> [T, Hq, D], every sequence in one padded scaled_dot_product_attention.
+
+    Queries are scattered into [S, max_query_len] rows and keys gathered through the block tables into
+    [S, max_seq_len]; the mask allows key j to query i of sequence s iff j <= its position. Its memory grows
+    with S * max_query_len * max_seq_len: the engine calls it once for the decodes and once for the prefills.
+    The two maxima are host sizes; when not given they are read from the device (a sync: tests only)."""
+    s = seq_lens.shape[0]
+    t, hq, d = q.shape
+    block_size = k_cache.shape[1]
+    qsl, lens = query_start_loc.long(), seq_lens.long()
+    qlens = qsl[1:] - qsl[:-1]
+    if max_query_len is None:
+        max_query_len = int(qlens.max())
+    if max_seq_len is None:
+        max_seq_len = int(lens.max())
+    seq_of_token = torch.repeat_interleave(torch.arange(s, device=q.device), qlens, output_size=t)
+    row = torch.arange(t, device=q.device) - qsl[:-1][seq_of_token]
+    padded_q = q.new_zeros(s, max_query_len, hq, d)
+    padded_q[seq_of_token, row] = q
+    nblocks = -(-max_seq_len // block_size)
+    tables = block_tables[:, :nblocks].long()
+    keys = k_cache[tables].flatten(1, 2)[:, :max_seq_len]  # [S, L, Hkv, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_seq_len]
+    query_pos = (lens - qlens)[:, None] + torch.arange(max_query_len, device=q.device)[None, :]  # [S, Q]
+    key_pos = torch.arange(max_seq_len, device=q.device)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [S, Q, L]; padding rows see their past too
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True,
+    )  # [S, Hq, Q, D]
+    return out.transpose(1, 2)[seq_of_token, row].to(q.dtype)
 
 
 class KVCache:
-    """Contiguous per-slot cache: k and v of shape [num_layers, num_slots, max_seq_len, num_kv_heads_local, head_dim].
+    """The block pool: k and v of shape [num_layers, num_blocks, block_size, num_kv_heads_local, head_dim].
 
-    Zero-filled so that never-written positions, which masked attention still multiplies by zero, are finite.
-    """
+    Zero-filled so that never-written slots, which masked attention still multiplies by zero, are finite."""
 
     def __init__(
         self,
         config: ModelConfig,
         tp_size: int,
-        num_slots: int,
-        max_seq_len: int,
+        num_blocks: int,
+        block_size: int,
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
         config.check_tp(tp_size)
-        shape = (config.num_layers, num_slots, max_seq_len, config.num_kv_heads // tp_size, config.head_dim)
-        self.num_slots = num_slots
-        self.max_seq_len = max_seq_len
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads // tp_size, config.head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, tp_size: int, block_size: int, dtype: torch.dtype) -> int:
+        """K and V of one block in every layer, on one rank."""
+        elements = 2 * config.num_layers * block_size * (config.num_kv_heads // tp_size) * config.head_dim
+        return elements * torch.empty((), dtype=dtype).element_size()
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
 class Attention(nn.Module):
-    """Writes a layer's new k/v into the cache, then attends every new query to its sequence's cache."""
+    """Writes a layer's new k/v into the pool, then attends every new query to its sequence's cache."""
 
     def __init__(self, layer: int, head_dim: int) -> None:
         super().__init__()
@@ -157,74 +183,27 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
 
     def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv: KVCache,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] (local heads, RoPE applied) -> [T, Hq * D]."""
         k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]
-        k_cache[meta.token_slots, positions] = k
-        v_cache[meta.token_slots, positions] = v
-        if meta.is_decode:
-            return self._decode(q, k_cache, v_cache, meta.slot_ids, max(meta.context_lens_host),
-                                meta.decode_key_mask).flatten(1)
-        return self._prefill(q, k, v, k_cache, v_cache, meta)
-
-    def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
-        length: int, key_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        """One query per sequence, all sequences in one attention: [S, Hq, D]."""
-        keys = k_cache[slot_ids, :length].transpose(1, 2)
-        values = v_cache[slot_ids, :length].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=key_mask, scale=self.scale, enable_gqa=True
+        store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+        d = meta.num_decodes
+        s = meta.seq_lens.shape[0]
+        if d == s or d == 0:  # one kind of sequence: one call
+            out = paged_attention_reference(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale,
+                meta.max_query_len, max(meta.max_decode_seq_len, meta.max_prefill_seq_len),
+            )
+            return out.flatten(1)
+        # Decodes first (one query each), then the prefill chunks: two calls, so the decodes' rows are not
+        # padded to the longest chunk.
+        decode_out = paged_attention_reference(
+            q[:d], k_cache, v_cache, meta.query_start_loc[: d + 1], meta.seq_lens[:d], meta.block_tables[:d],
+            self.scale, 1, meta.max_decode_seq_len,
         )
-        return out.squeeze(2)
-
-    def _prefill(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        out = torch.empty_like(q)
-        group = meta.decode_group
-        if group is not None:
-            out[group.token_index] = self._decode(
-                q.index_select(0, group.token_index), k_cache, v_cache, group.slot_ids, group.max_len, group.key_mask
-            )
-        start = 0
-        for i, (n, ctx, mask) in enumerate(
-            zip(meta.query_lens, meta.context_lens_host, meta.prefill_masks, strict=True)
-        ):
-            end = start + n
-            if group is not None and i in group.rows:
-                start = end
-                continue
-            if n == ctx:  # no cached prefix: the new k/v are the whole context
-                keys, values = k[start:end], v[start:end]
-            else:
-                slot = meta.slot_ids[i : i + 1]
-                keys = k_cache[:, :ctx].index_select(0, slot)[0]
-                values = v_cache[:, :ctx].index_select(0, slot)[0]
-            # 4-D [1, heads, tokens, head_dim]: the fused (flash) kernels take no other shape.
-            seq_out = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1)[None],
-                keys.transpose(0, 1)[None],
-                values.transpose(0, 1)[None],
-                attn_mask=mask,
-                is_causal=n == ctx and n > 1,
-                scale=self.scale,
-                enable_gqa=True,
-            )
-            out[start:end] = seq_out[0].transpose(0, 1)
-            start = end
-        return out.flatten(1)
+        prefill_out = paged_attention_reference(
+            q[d:], k_cache, v_cache, meta.query_start_loc[d:] - d, meta.seq_lens[d:], meta.block_tables[d:],
+            self.scale, meta.max_query_len, meta.max_prefill_seq_len,
+        )
+        return torch.cat([decode_out, prefill_out]).flatten(1)

@@ -120,7 +120,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o_proj(self.attn(q, k, v, positions, meta, kv))
+        return self.o_proj(self.attn(q, k, v, meta, kv))
 
 
 class LlamaMLP(nn.Module):
@@ -189,10 +189,6 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
         """Returns float32 logits [S, vocab_size] for the last new token of each sequence, identical on every rank."""
-        if max(meta.context_lens_host) > kv.max_seq_len:  # on a GPU this would be a device-side assert
-            raise ValueError(
-                f"context of {max(meta.context_lens_host)} tokens exceeds max_seq_len={kv.max_seq_len}"
-            )
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer in self.model.layers:

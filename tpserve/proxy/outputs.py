@@ -49,3 +49,4 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -50,6 +50,9 @@ class RequestStream:
         for key, value in (delta.get("metrics") or {}).items():
             if hasattr(m, key) and getattr(m, key) is None and isinstance(value, (int, float)):
                 setattr(m, key, float(value))
+        cached = delta.get("num_cached_tokens")
+        if isinstance(cached, int) and not isinstance(cached, bool):
+            out.num_cached_tokens = cached
         ids = list(delta.get("token_ids") or [])
         if ids and m.first_token_received is None:
             m.first_token_received = received

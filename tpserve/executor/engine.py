@@ -1,0 +1,171 @@
+"""Engine assembly on one rank: model shard, KV block pool sized for the device, scheduler, executor.
+
+Every stage runs on every rank in lock-step (``stage``): if one rank fails, every rank raises the same
+error, so the proxy hears one clear start-up failure instead of a hang in the next collective."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from mpi4py import MPI
+
+CPU_MAX_POOL_TOKENS_PER_REQUEST = 4096  # the CPU default pool: max_batch_size requests of this many tokens
+CPU_POOL_MEMORY_SHARE = 0.25  # ... but never more than this share of the memory available at start
+
+
+class StartupFailed(Exception):
+    def __init__(self, message: str, tb: str, rank: int) -> None:
+        super().__init__(message)
+        self.tb = tb
+        self.rank = rank
+
+
+def stage(comm: MPI.Comm, name: str, fn: Callable[[], Any]) -> Any:
+    """Runs one start-up stage on every rank; if any rank failed, every rank raises the first error."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported to the proxy with its traceback
+        err = (f"{type(e).__name__}: {e}", traceback.format_exc())
+    errors = comm.allgather(err)
+    for rank, e in enumerate(errors):
+        if e is not None:
+            raise StartupFailed(f"rank {rank} failed at {name}: {e[0]}", e[1], rank)
+    return result
+
+
+def default_max_num_tokens(device_type: str) -> int:
+    """The step's token budget: prompts longer than this are chunked over steps."""
+    return 8192 if device_type == "cuda" else 2048
+
+
+def pool_blocks(args: Any, config: Any, tp_size: int, device: Any, dtype: Any, model: Any,
+                max_seq_len: int, max_num_tokens: int) -> int:
+    """How many KV blocks (block 0 included) this rank can hold: ``kv_cache_tokens`` when given; on GPU,
+    ``gpu_memory_utilization`` of the device memory less what the weights and a profiling forward at
+    ``max_num_tokens`` take; on CPU, room for ``max_batch_size`` requests of up to 4096 tokens, within a
+    quarter of the memory available."""
+    import psutil
+    import torch
+
+    from tpserve.model import KVCache
+
+    bs = args.block_size
+    per_block = KVCache.bytes_per_block(config, tp_size, bs, dtype)
+    if args.kv_cache_tokens is not None:
+        return -(-args.kv_cache_tokens // bs) + 1
+    if device.type == "cuda":
+        profile_forward(model, config, tp_size, bs, max_num_tokens, device, dtype)
+        free, total = torch.cuda.mem_get_info(device)
+        others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, NCCL, other processes
+        budget = total * args.gpu_memory_utilization - others - torch.cuda.max_memory_allocated(device)
+        return max(int(budget // per_block), 2)
+    tokens = args.max_batch_size * min(max_seq_len, CPU_MAX_POOL_TOKENS_PER_REQUEST)
+    by_memory = int(psutil.virtual_memory().available * CPU_POOL_MEMORY_SHARE // per_block)
+    return max(min(-(-tokens // bs) + 1, by_memory), 2)
+
+
+def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_tokens: int, device: Any,
+                    dtype: Any) -> None:
+    """One forward of ``num_tokens`` prompt tokens on a throw-away pool, so the peak memory counts the
+    activations of the largest step."""
+    import torch
+
+    from tpserve.model import AttentionMetadata, KVCache
+
+    blocks = -(-num_tokens // block_size) + 1
+    kv = KVCache(config, tp_size, blocks, block_size, device, dtype)
+    meta, positions = AttentionMetadata.build([list(range(1, blocks))], [0], [num_tokens], block_size, device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    model(ids, positions, meta, kv)
+    torch.cuda.synchronize(device)
+    del kv, meta, positions, ids
+    torch.cuda.empty_cache()
+
+
+def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> tuple[Any, dict[str, Any]]:
+    """Loads this rank's shard and returns (executor, info for READY). ``args`` is the engine's options
+    (``EngineArgs``)."""
+    import torch
+
+    from tpserve.executor.block_manager import BlockManager
+    from tpserve.executor.dist import init_tensor_parallel, pick_device, pick_dtype
+    from tpserve.executor.executor import Executor, ExecutorConfig
+    from tpserve.executor.instrument import make_instruments
+    from tpserve.executor.model_runner import ModelRunner
+    from tpserve.executor.request_queue import RequestQueue
+    from tpserve.executor.sampler import Sampler
+    from tpserve.executor.scheduler import Scheduler
+    from tpserve.model import KVCache, ModelConfig, TPContext, load_model
+    from tpserve.model.default_model import default_model_path
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+
+    def resolve() -> str | None:
+        if args.model is not None:
+            return str(args.model)
+        return str(default_model_path()) if rank == 0 else None
+
+    model_dir = comm.bcast(stage(comm, "resolve_model", resolve), root=0)
+    config = stage(comm, "read_config", lambda: ModelConfig.from_dir(model_dir))
+    stage(comm, "check_tp", lambda: config.check_tp(size))
+    device = stage(comm, "pick_device", lambda: pick_device(args.device))
+    dtype = stage(comm, "pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
+    max_seq_len = args.max_seq_len or config.max_position_embeddings
+    max_num_tokens = args.max_num_tokens or default_max_num_tokens(device.type)
+    stage(comm, "init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
+    tp = TPContext(rank, size)
+    model, _ = stage(comm, "load_model", lambda: load_model(model_dir, tp, device, dtype))
+    mine = stage(comm, "size_kv_cache",
+                 lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len, max_num_tokens))
+    num_blocks = comm.allreduce(mine, op=MPI.MIN)  # every rank's BlockManager must be the same
+    kv = stage(comm, "allocate_kv_cache", lambda: KVCache(config, size, num_blocks, args.block_size, device, dtype))
+    capacity = (num_blocks - 1) * args.block_size
+    if capacity < max_seq_len and rank == 0:
+        print(f"tpserve: warning: the KV cache pool holds {capacity} tokens, fewer than max_seq_len={max_seq_len}: "
+              "longer requests will end with an error", file=sys.stderr, flush=True)
+    blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+    ex_config = ExecutorConfig(
+        vocab_size=config.vocab_size,
+        max_seq_len=max_seq_len,
+        eos_token_ids=tuple(config.eos_token_ids),
+        stream_interval=args.stream_interval,
+        enable_overlap=args.enable_overlap,
+        early_first_token=args.early_first_token,
+    )
+    executor = Executor(
+        ex_config,
+        RequestQueue(comm),
+        Scheduler(blocks, args.max_batch_size, max_num_tokens),
+        ModelRunner(model, kv, blocks, device),
+        Sampler(device, args.seed),
+        publish,
+        device,
+        *make_instruments(comm),
+    )
+    info = {
+        "model_dir": model_dir,
+        "arch": config.arch,
+        "vocab_size": config.vocab_size,
+        "eos_token_ids": list(config.eos_token_ids),
+        "max_seq_len": max_seq_len,
+        "max_batch_size": args.max_batch_size,
+        "max_num_tokens": max_num_tokens,
+        "block_size": args.block_size,
+        "num_kv_blocks": num_blocks,
+        "kv_cache_tokens": capacity,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "tensor_parallel_size": size,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_bytes_per_rank": kv.nbytes(),
+        "enable_overlap": args.enable_overlap,
+        "early_first_token": args.early_first_token and args.enable_overlap,
+        "pid": os.getpid(),
+    }
+    return executor, info
