@@ -523,19 +523,23 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small shapes (for the CPU interpreter)")
     parser.add_argument("--no-timings", action="store_true")
+    parser.add_argument("--only", choices=("all", "fused"), default="all",
+                        help="fused: the small-op checks alone (a quick re-check after changing fused.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels.md"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    attention_cases(args.device, args.quick, rng)
+    everything = args.only == "all"
+    if everything:
+        attention_cases(args.device, args.quick, rng)
     fused_cases(args.device, args.quick, rng)
     on_gpu = args.device == "cuda"
-    if on_gpu:
+    if on_gpu and everything:
         graph_and_sync_checks(rng)
     t_checks = time.perf_counter() - t0
-    timing_lines = timings(rng) if on_gpu and not args.no_timings else []
+    timing_lines = timings(rng) if on_gpu and everything and not args.no_timings else []
     failed = [r for r in RESULTS if not r.ok]
     env = f"torch {torch.__version__}"
     if on_gpu:

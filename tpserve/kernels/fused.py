@@ -2,7 +2,10 @@
 
 Imported only when a CUDA tensor asks for them (tpserve.kernels dispatches), so tpserve never needs triton.
 Each kernel rounds where the torch reference (tpserve.kernels.reference) rounds, so that bf16 outputs agree
-with the eager model up to float32 reduction order. Launchers read shapes and strides only: no host sync.
+with the eager model up to float32 reduction order. They launch with enable_fp_fusion=False: otherwise
+Triton turns "round(a*b) - round(c*d)" into one bf16 fma (seen in the sm_90 PTX), skipping a rounding the
+model does, and about 20% of RoPE outputs came out one step off. Launchers read shapes and strides only: no
+host sync.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ def qk_norm_rope_store(
         q_out.stride(1), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, Q_HEADS_PAD=next_power_of_2(num_q_heads), NUM_KV_HEADS=num_kv_heads,
         KV_HEADS_PAD=next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None,
+        HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None, enable_fp_fusion=False,
     )
     return q_out
 
@@ -197,7 +200,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.shape[0]:
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, x2, weight, out, out, eps, x2.shape[1], x2.stride(0), x2.stride(0), out.stride(0), out.stride(0),
-            HAS_RESIDUAL=False, BLOCK=next_power_of_2(x2.shape[1]),
+            HAS_RESIDUAL=False, BLOCK=next_power_of_2(x2.shape[1]), enable_fp_fusion=False,
         )
     return out.view(x.shape)
 
@@ -211,7 +214,7 @@ def add_rmsnorm(
     if x2.shape[0]:
         _rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, res_out, eps, x2.shape[1], x2.stride(0), r2.stride(0), out.stride(0),
-            res_out.stride(0), HAS_RESIDUAL=True, BLOCK=next_power_of_2(x2.shape[1]),
+            res_out.stride(0), HAS_RESIDUAL=True, BLOCK=next_power_of_2(x2.shape[1]), enable_fp_fusion=False,
         )
     return out.view(x.shape), res_out.view(x.shape)
 
@@ -235,6 +238,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, next_power_of_2(n_cols))
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n_cols, block))](
-            x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block
+            x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block, enable_fp_fusion=False
         )
     return out.view(*gate_up.shape[:-1], n_cols)
