@@ -3,39 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
+from tpserve.engine_args import EngineArgs
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine options every command that starts an LLM shares (generate, serve)."""
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (MPI ranks)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--stream-interval", type=int, default=1)
-    p.add_argument("--no-overlap", dest="enable_overlap", action="store_false")
-    p.add_argument("--no-early-first-token", dest="early_first_token", action="store_false")
+    """What every command that starts an LLM takes (generate, serve): the engine options, and the proxy's."""
+    EngineArgs.add_cli_args(p)
     p.add_argument("--connect", default=None, help="attach to workers through this connection file")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds the workers may take to start")
 
 
 def make_llm(args: argparse.Namespace):
     from tpserve import LLM
 
-    return LLM(
-        model=args.model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
-        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, stream_interval=args.stream_interval,
-        enable_overlap=args.enable_overlap, early_first_token=args.early_first_token, connect=args.connect,
-    )
+    engine = EngineArgs.from_cli_args(args)
+    return LLM(connect=args.connect, startup_timeout=args.startup_timeout, **dataclasses.asdict(engine))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tpserve import SamplingParams
+    from tpserve import SamplingParams, WorkerStartupError
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-    with make_llm(args) as llm:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)  # --seed: the engine's
+    try:
+        llm = make_llm(args)
+    except (WorkerStartupError, ValueError) as e:  # ValueError: an engine option out of range
+        print(f"error: the engine did not start: {e}", file=sys.stderr)
+        return 1
+    with llm:
         prompt = args.prompt
         if args.chat:
             if llm.tokenizer is None:
@@ -118,7 +116,8 @@ def cmd_bench(rest: list[str]) -> int:
 DELEGATED = {"serve": cmd_serve, "bench": cmd_bench, "trace": cmd_trace}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the commands that parse here (generate, make-model, convert-default)."""
     parser = argparse.ArgumentParser(prog="tpserve")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -126,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(g)
     g.set_defaults(fn=cmd_generate)
@@ -146,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("trace", help="merge shutdown traces into one timeline: tpserve trace DIR")
     sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sub.add_parser("bench", help="benchmarks: tpserve bench latency | tpserve bench serve")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
         return DELEGATED[argv[0]](argv[1:])
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

@@ -9,6 +9,7 @@ request when the last one ends; prompts are fixed-length random token ids; ignor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from tpserve import LLM, RequestOutput, SamplingParams
+from tpserve.engine_args import EngineArgs
 
 MODES = {
     "plain": {"enable_overlap": False},
@@ -95,9 +97,10 @@ def bench_model(name: str, model: str | None, args: argparse.Namespace) -> dict:
     engines = {}
     try:
         for mode in args.modes:
-            engines[mode] = LLM(model=model, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
-                                max_batch_size=max(args.concurrency), max_seq_len=args.input_len + args.output_len + 8,
-                                **MODES[mode])
+            engine = EngineArgs.from_cli_args(
+                args, model=model, max_batch_size=args.max_batch_size or max(args.concurrency),
+                max_seq_len=args.max_seq_len or args.input_len + args.output_len + 8, **MODES[mode])
+            engines[mode] = LLM(**dataclasses.asdict(engine))
         info = next(iter(engines.values())).info
         vocab = min(info["vocab_size"], 49152)
         for llm in engines.values():  # warm-up: first-touch allocations, kernels, caches
@@ -112,7 +115,8 @@ def bench_model(name: str, model: str | None, args: argparse.Namespace) -> dict:
                     raw[mode][c] += outs
                     walls[mode][c] += wall
         results = {m: {c: summarize(raw[m][c], walls[m][c]) for c in args.concurrency} for m in args.modes}
-        return {"model": name, "device": info["device"], "dtype": info["dtype"], "tp": args.tp, "results": results}
+        return {"model": name, "device": info["device"], "dtype": info["dtype"], "tp": info["tensor_parallel_size"],
+                "results": results}
     finally:
         for llm in engines.values():
             llm.shutdown()
@@ -194,11 +198,11 @@ def update_doc(doc: Path, label: str, section: str) -> None:
 
 
 def add_bench_latency_args(p: argparse.ArgumentParser) -> None:
+    """The engine options (but the ones each run sets: model, the loop mode) and the benchmark's own."""
+    EngineArgs.add_cli_args(p, skip=("model", *MODES["overlap"]), derived={
+        "max_batch_size": "the largest concurrency", "max_seq_len": "input + output + 8"})
     p.add_argument("--model", action="append", default=None,
                    help="model directory (repeatable); default: the built-in model and a random Qwen3-0.6B-shaped one")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--input-len", type=int, default=128)

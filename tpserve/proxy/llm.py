@@ -10,10 +10,12 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm import tqdm
 
 from tpserve import wire
+from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
 from tpserve.proxy.client import EngineClient
 from tpserve.proxy.launcher import WorkerProcess, mpi_environment
@@ -31,36 +33,24 @@ class LLM:
     """An engine of ``tensor_parallel_size`` MPI ranks behind a ZeroMQ proxy.
 
     ``model=None`` serves the built-in default model (SmolLM2-135M-Instruct); ``connect="FILE"`` attaches
-    to workers started by the user with ``--connection-file FILE`` instead of spawning them.
+    to workers started by the user with ``--connection-file FILE`` instead of spawning them (the engine
+    options are then the workers' own, and the ones given here are not used). The keyword arguments are
+    the fields of ``EngineArgs`` (``tensor_parallel_size=1, device="auto", ..., mpirun_args=()``); a name
+    that is none of them raises ``TypeError``, a value out of range ``ValueError``.
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        tensor_parallel_size: int = 1,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_batch_size: int = 16,
-        max_seq_len: int | None = None,
-        max_num_tokens: int | None = None,
-        stream_interval: int = 1,
-        seed: int = 0,
-        enable_overlap: bool = True,
-        early_first_token: bool = True,
-        connect: str | None = None,
-        startup_timeout: float = 300.0,
-        mpirun_args: Sequence[str] = (),
-    ) -> None:
-        for name, value, low in (("tensor_parallel_size", tensor_parallel_size, 1), ("max_batch_size", max_batch_size, 1),
-                                 ("stream_interval", stream_interval, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+    def __init__(self, model: str | None = None, *, connect: str | None = None, startup_timeout: float = 300.0,
+                 **engine_options: Any) -> None:
+        engine = EngineArgs.from_kwargs({"model": model, **engine_options}, "LLM()")
+        if engine.model is not None and os.path.exists(engine.model):
+            engine.model = os.path.abspath(engine.model)  # the workers may not share this working directory
+        self.engine_args = engine
         self._closed = False
         self._ids = itertools.count()
         self._shutdown_lock = threading.Lock()
         self._force = threading.Event()
         self.workers: WorkerProcess | None = None
-        trace("proxy", "start", connect=connect or "", tp=tensor_parallel_size)
+        trace("proxy", "start", connect=connect or "", tp=engine.tensor_parallel_size)
         if connect is not None:
             self.client = EngineClient(wire.ConnectionInfo.read(connect), bind=False, workers=None)
         else:
@@ -68,23 +58,12 @@ class LLM:
             self.client = EngineClient(
                 wire.ConnectionInfo("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", key), bind=True, workers=None
             )
-            env = mpi_environment(tensor_parallel_size)
+            env = mpi_environment(engine.tensor_parallel_size)
             env[wire.ENV_KEY] = key.hex()  # never argv: other users can read a process's arguments
             env[wire.ENV_REQUEST_ADDR] = self.client.conn.request_addr
             env[wire.ENV_RESPONSE_ADDR] = self.client.conn.response_addr
-            args = ["--device", device, "--dtype", dtype, "--max-batch-size", str(max_batch_size),
-                    "--stream-interval", str(stream_interval), "--seed", str(seed)]
-            if model is not None:
-                args += ["--model", os.path.abspath(model) if os.path.exists(model) else model]
-            if max_seq_len is not None:
-                args += ["--max-seq-len", str(max_seq_len)]
-            if max_num_tokens is not None:
-                args += ["--max-num-tokens", str(max_num_tokens)]
-            if not enable_overlap:
-                args.append("--no-overlap")
-            if not early_first_token:
-                args.append("--no-early-first-token")
-            self.workers = WorkerProcess(tensor_parallel_size, args, env, list(mpirun_args))
+            self.workers = WorkerProcess(engine.tensor_parallel_size, engine.to_cli_args(), env,
+                                         list(engine.mpirun_args))
             self.client.workers = self.workers
         # Workers write the connection file only once ready, so a live engine answers at once; a file
         # whose engine is gone must not cost the whole start-up timeout.

@@ -4,6 +4,7 @@ the executor loop on a thread, and tears down in a fixed order (loop joined, soc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -14,117 +15,26 @@ import traceback
 from mpi4py import MPI
 
 from tpserve import wire
+from tpserve.engine_args import EngineArgs
+from tpserve.executor.engine import StartupFailed, build_engine
+from tpserve.executor.engine import stage as _stage
 from tpserve.shutdown_trace import phase_timer, trace
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[EngineArgs, argparse.Namespace]:
+    """The engine options (``EngineArgs``, what ``LLM`` passes as ``to_cli_args()``) and the worker's own.
+    ``--tensor-parallel-size`` and ``--mpirun-args`` are accepted and unused: the size is the world's."""
     p = argparse.ArgumentParser(prog="python -m mpi4py -m tpserve.worker")
-    p.add_argument("--model", default=None, help="Hugging Face model directory (default: the built-in model)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--max-num-tokens", type=int, default=None,
-                   help="token budget of one step (default: max(max_seq_len, 2048)); longer prompts are chunked")
-    p.add_argument("--stream-interval", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-overlap", dest="enable_overlap", action="store_false")
-    p.add_argument("--no-early-first-token", dest="early_first_token", action="store_false")
-    p.add_argument("--connection-file", default=None, help="attach mode: bind and write this file")
-    p.add_argument("--bind-host", default="127.0.0.1", help="attach mode: interface to bind")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0)
-    return p.parse_args(argv)
-
-
-class StartupFailed(Exception):
-    def __init__(self, message: str, tb: str, rank: int) -> None:
-        super().__init__(message)
-        self.tb = tb
-        self.rank = rank
-
-
-def _stage(comm: MPI.Comm, name: str, fn):
-    """Runs one start-up stage on every rank; if any rank failed, every rank raises the first error."""
-    result, err = None, None
+    EngineArgs.add_cli_args(p)
+    w = p.add_argument_group("worker options")
+    w.add_argument("--connection-file", default=None, help="attach mode: bind, and write this file once ready")
+    w.add_argument("--bind-host", default="127.0.0.1", help="attach mode: interface to bind")
+    w.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    ns = p.parse_args(argv)
     try:
-        result = fn()
-    except Exception as e:  # noqa: BLE001 - reported to the proxy with its traceback
-        err = (f"{type(e).__name__}: {e}", traceback.format_exc())
-    errors = comm.allgather(err)
-    for rank, e in enumerate(errors):
-        if e is not None:
-            raise StartupFailed(f"rank {rank} failed at {name}: {e[0]}", e[1], rank)
-    return result
-
-
-def build_engine(args: argparse.Namespace, comm: MPI.Comm, publish):
-    """Loads this rank's shard and returns (executor, info for READY)."""
-    import torch
-
-    from tpserve.executor.dist import init_tensor_parallel, pick_device, pick_dtype
-    from tpserve.executor.executor import Executor, ExecutorConfig
-    from tpserve.executor.instrument import make_instruments
-    from tpserve.executor.model_runner import ModelRunner
-    from tpserve.executor.request_queue import RequestQueue
-    from tpserve.executor.sampler import Sampler
-    from tpserve.executor.scheduler import Scheduler
-    from tpserve.model import KVCache, ModelConfig, TPContext, load_model
-    from tpserve.model.default_model import default_model_path
-
-    rank, size = comm.Get_rank(), comm.Get_size()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-
-    def resolve():
-        if args.model is not None:
-            return str(args.model)
-        return str(default_model_path()) if rank == 0 else None
-
-    model_dir = comm.bcast(_stage(comm, "resolve_model", resolve), root=0)
-    config = _stage(comm, "read_config", lambda: ModelConfig.from_dir(model_dir))
-    _stage(comm, "check_tp", lambda: config.check_tp(size))
-    device = _stage(comm, "pick_device", lambda: pick_device(args.device))
-    dtype = _stage(comm, "pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
-    max_seq_len = args.max_seq_len or min(config.max_position_embeddings, 4096)
-    _stage(comm, "init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
-    tp = TPContext(rank, size)
-    model, _ = _stage(comm, "load_model", lambda: load_model(model_dir, tp, device, dtype))
-    kv = _stage(comm, "allocate_kv_cache", lambda: KVCache(config, size, args.max_batch_size, max_seq_len, device, dtype))
-    ex_config = ExecutorConfig(
-        vocab_size=config.vocab_size,
-        max_seq_len=max_seq_len,
-        eos_token_ids=tuple(config.eos_token_ids),
-        stream_interval=args.stream_interval,
-        enable_overlap=args.enable_overlap,
-        early_first_token=args.early_first_token,
-    )
-    executor = Executor(
-        ex_config,
-        RequestQueue(comm),
-        # A budget of one prompt a step would admit one request per step: a burst of arrivals then waits
-        # out as many steps before its first token (seen at concurrency 32 as seconds of queueing).
-        Scheduler(args.max_batch_size, args.max_num_tokens or max(max_seq_len, 2048)),
-        ModelRunner(model, kv, device),
-        Sampler(device, args.seed),
-        publish,
-        device,
-        *make_instruments(comm),
-    )
-    info = {
-        "model_dir": model_dir,
-        "arch": config.arch,
-        "vocab_size": config.vocab_size,
-        "eos_token_ids": list(config.eos_token_ids),
-        "max_seq_len": max_seq_len,
-        "max_batch_size": args.max_batch_size,
-        "tensor_parallel_size": size,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "kv_cache_bytes_per_rank": kv.nbytes(),
-        "enable_overlap": args.enable_overlap,
-        "early_first_token": args.early_first_token and args.enable_overlap,
-        "pid": os.getpid(),
-    }
-    return executor, info
+        return EngineArgs.from_cli_args(ns), ns
+    except ValueError as e:
+        p.error(str(e))
 
 
 def _die_of_signal(signum: int, frame: object) -> None:
@@ -138,7 +48,7 @@ def _die_of_signal(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Runs this rank. Every way out that a process can still take traces ``worker exit`` (a return, an
     exception, a signal before the loop, the abort after a loop failure), so a trace's verdict is true."""
-    args = parse_args(argv)
+    args, opts = parse_args(argv)
     # The socket threads beside the busy loop need the GIL to send: at the default 5 ms switch interval
     # a response waits up to 5 ms behind the loop's Python work, most of a CPU step's TTFT.
     sys.setswitchinterval(0.0005)
@@ -148,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _die_of_signal)
     trace("worker", "start", tp=comm.Get_size())
     try:
-        code = _run(args, comm)
+        code = _run(args, opts, comm)
     except BaseException as e:
         trace("worker", "exit", code=1, error=f"{type(e).__name__}: {e}")
         raise
@@ -156,21 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
+def _run(args: EngineArgs, opts: argparse.Namespace, comm: MPI.Comm) -> int:
     rank = comm.Get_rank()
     io = None
     if rank == 0:
         from tpserve.worker.rank0_io import Rank0IO
 
-        attach = args.connection_file is not None
+        attach = opts.connection_file is not None
         if attach:
-            conn = wire.ConnectionInfo(f"tcp://{args.bind_host}:*", f"tcp://{args.bind_host}:*", wire.new_key())
+            conn = wire.ConnectionInfo(f"tcp://{opts.bind_host}:*", f"tcp://{opts.bind_host}:*", wire.new_key())
         else:
             conn = wire.ConnectionInfo(
                 os.environ[wire.ENV_REQUEST_ADDR], os.environ[wire.ENV_RESPONSE_ADDR],
                 bytes.fromhex(os.environ[wire.ENV_KEY]),
             )
-        io = Rank0IO(conn, bind=attach, heartbeat_timeout=args.heartbeat_timeout)
+        io = Rank0IO(conn, bind=attach, heartbeat_timeout=opts.heartbeat_timeout)
 
     engine: list = []  # the executor, once built: its stats ride along with the publishes
     last_stats: list = [None, 0.0]
@@ -194,7 +104,7 @@ def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
         if rank == 0:
             engine[0].queue.put(wire.Shutdown(drain=False))
 
-    conn_file = args.connection_file if io is not None else None
+    conn_file = opts.connection_file if io is not None else None
 
     def check_connection_file() -> None:
         if conn_file is not None and os.path.lexists(conn_file):
@@ -205,13 +115,15 @@ def _run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             io.conn.write(conn_file)
 
     try:
-        if args.connection_file is not None:  # a taken path fails the start before anything loads
+        if opts.connection_file is not None:  # a taken path fails the start before anything loads
             _stage(comm, "check_connection_file", check_connection_file)
         executor, info = build_engine(args, comm, publish)
+        # READY reports every engine option: as given, unless the engine reports what it made of it
+        info = {**{k: v for k, v in dataclasses.asdict(args).items() if k not in ("model", "mpirun_args")}, **info}
         engine.append(executor)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, on_sigterm)
-        if args.connection_file is not None:  # written once ready, so whoever reads it finds an engine
+        if opts.connection_file is not None:  # written once ready, so whoever reads it finds an engine
             _stage(comm, "write_connection_file", write_connection_file)
     except StartupFailed as e:
         trace("worker", "startup_failed", error=str(e))
