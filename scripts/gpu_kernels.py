@@ -274,10 +274,13 @@ def fused_cases(device: str, quick: bool, rng: random.Random) -> None:
             q_tri = tri_fused.qk_norm_rope_store(*args, *caches, slots)
             q_ref = reference.qk_norm_rope_store(*args, *ref_caches, slots)
             tag = f"H{hq}/{hkv} D{d} norm={norm} T{t} {DTYPE_NAME[dtype]}"
+            # With the norm: a float32 sum order that differs from torch's can flip one rounding of the
+            # normalized value, which the weight multiply and the rotation carry on: up to 2 steps.
+            tol = 2.0 if norm else 1.0
             steps, same = one_step_apart(q_tri, q_ref)
-            record("qk_norm_rope_store q", tag, steps, 1.0, f"{same:.4%} bit-identical")
+            record("qk_norm_rope_store q", tag, steps, tol, f"{same:.4%} bit-identical")
             steps, same = one_step_apart(caches[0], ref_caches[0])
-            record("qk_norm_rope_store k", tag, steps, 1.0, f"{same:.4%} bit-identical")
+            record("qk_norm_rope_store k", tag, steps, tol, f"{same:.4%} bit-identical")
             record("qk_norm_rope_store v", tag, (caches[1] != ref_caches[1]).float().sum().item(), 0)
         # add + RMSNorm, RMSNorm, SiLU-and-mul
         for hidden, inter in ((576, 1536), (1024, 3072)):
@@ -550,7 +553,8 @@ def main() -> int:
              "Attention error: max |Triton - float64 per-sequence loop|; tolerance "
              + ", ".join(f"{DTYPE_NAME[k]} {v}" for k, v in ATTN_ATOL.items())
              + ". Elementwise ops: max |Triton - same-dtype torch reference| in rounding steps at the "
-             "magnitude of the row's largest value (max|ref row| * 2^-mantissa_bits); tolerance 1 step. "
+             "magnitude of the row's largest value (max|ref row| * 2^-mantissa_bits); tolerance 1 step, 2 where "
+             "q/k pass a per-head norm before RoPE. "
              "Exact ops (KV store, residual sum): number of differing elements, tolerance 0.", "",
              f"Model oracle: {ORACLE_STATUS}.", "",
              "| check | case | error | tolerance | ok | note |", "|---|---|---|---|---|---|"]
