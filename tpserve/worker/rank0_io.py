@@ -109,7 +109,12 @@ class Rank0IO:
                 self.outbox.put((s.nonce, wire.Heartbeat(time.time())))
                 next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
             if self.inp.poll(POLL_MS):
-                self._on_frames(self.inp.recv_multipart())
+                frames = self.inp.recv_multipart()
+                try:
+                    self._on_frames(frames)
+                except Exception as e:  # noqa: BLE001 - one frame must not stop the intake
+                    self.counts["rejected"] += 1
+                    trace("worker", "intake_error", error=f"{type(e).__name__}: {e}")
             if s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
                 self._session_silent(s)
 
@@ -227,23 +232,29 @@ class Rank0IO:
             item = self.outbox.get()
             if item is None:
                 return
-            dest, msg = item
-            if isinstance(msg, wire.Outputs):
-                with self.lock:
-                    self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
+            try:
+                self._send_one(*item)
+            except Exception as e:  # noqa: BLE001 - a frame that cannot be sent is the engine's death
+                self._die(f"the sender failed: {type(e).__name__}: {e}")
+
+    def _send_one(self, dest: bytes | None, msg: wire.Message) -> None:
+        """Sends one outbox item: to the live session (waiting, bounded), or once to another client."""
+        if isinstance(msg, wire.Outputs):
             with self.lock:
-                s = self.session
-            if dest is None:
-                dest = s.nonce if s is not None else None
-            if self.dead is not None or dest is None:
+                self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
+        with self.lock:
+            s = self.session
+        if dest is None:
+            dest = s.nonce if s is not None else None
+        if self.dead is not None or dest is None:
+            self.counts["unsent"] += 1
+        elif s is not None and dest == s.nonce:
+            self._send_to_session(s, msg)
+        else:  # a refusal, or a reply to a session that is over: one try, never a wait
+            try:
+                self.out.send_multipart([dest, *self.codec.encode(msg, dest, 1, self.engine)], zmq.DONTWAIT)
+            except zmq.ZMQError:
                 self.counts["unsent"] += 1
-            elif s is not None and dest == s.nonce:
-                self._send_to_session(s, msg)
-            else:  # a refusal, or a reply to a session that is over: one try, never a wait
-                try:
-                    self.out.send_multipart([dest, *self.codec.encode(msg, dest, 1, self.engine)], zmq.DONTWAIT)
-                except zmq.ZMQError:
-                    self.counts["unsent"] += 1
 
     def _send_to_session(self, s: Session, msg: wire.Message) -> None:
         """Waits for the proxy while it is the live session's; past the bound the engine is dead."""
@@ -278,8 +289,8 @@ class Rank0IO:
 
     def close(self, timeout: float = 5.0) -> None:
         """Flushes the outbox (bounded), stops both threads, closes sockets before the context."""
-        if isinstance(self.answer, wire.StartupError):
-            self.answered.wait(STARTUP_ERROR_WAIT_S)  # the proxy's Hello may be a moment away
+        if isinstance(self.answer, wire.StartupError) and not self.attach:
+            self.answered.wait(STARTUP_ERROR_WAIT_S)  # the spawning proxy's Hello may be a moment away
         self.stop_intake.set()
         self.outbox.put(None)
         self._sender.join(timeout)
