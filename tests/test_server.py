@@ -410,6 +410,35 @@ BAD_BODIES = [
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x" * 20000}]}).encode(), J,
      400, "messages"),
     ("/v1/nowhere", b"{}", J, 404, None),
+    # Numbers beyond any bound: int64 and past it, and ids outside the vocabulary.
+    ("/v1/completions", b'{"prompt": "x", "top_k": 18446744073709551616}', J, 400, "top_k"),
+    ("/v1/completions", b'{"prompt": "x", "top_k": 1000000000000000000000000000000}', J, 400, "top_k"),
+    ("/v1/completions", b'{"prompt": "x", "top_k": -1}', J, 400, "top_k"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 18446744073709551616}', J, 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -18446744073709551616}', J, 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [18446744073709551616]}', J, 400, "stop_token_ids"),
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [9223372036854775807]}', J, 400, "stop_token_ids"),
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": [-1]}', J, 400, "stop_token_ids"),
+    ("/v1/completions", b'{"prompt": "x", "stop_token_ids": null, "seed": 1180591620717411303424}', J, 400, "seed"),
+    ("/v1/completions", b'{"prompt": "x", "n": 18446744073709551616}', J, 400, "n"),
+    ("/v1/completions", b'{"prompt": [18446744073709551616]}', J, 400, "prompt"),
+    ("/v1/completions", b'{"prompt": [[1], [18446744073709551616]]}', J, 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', J, 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "x", "top_p": NaN}', J, 400, "top_p"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", J, 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
+                             b'"max_completion_tokens": 18446744073709551616}', J, 400, "max_completion_tokens"),
+    # What one body may queue is bounded before any prompt is encoded.
+    ("/v1/completions", json.dumps({"prompt": ["x"] * 65}).encode(), J, 400, "prompt"),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": ""}] * 300}).encode(), J, 400,
+     "messages"),
+    # Only UTF-8 (a BOM-less UTF-16 body of ASCII is valid UTF-8 bytes, but not JSON in UTF-8).
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 2}'.encode("utf-16"), J, 400, None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 2}'.encode("utf-16-le"), J, 400, None),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 2}'.encode("utf-32"), J, 400, None),
+    ("/v1/completions", b'{"prompt": "x", "stream": true, "top_k": 18446744073709551616}', J, 400, "top_k"),
+    ("/v1/chat/completions", b'{"messages": null}', J, 400, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": null}]}', J, 400, "messages"),
 ]
 
 
@@ -436,6 +465,31 @@ def test_bad_bodies_answer_4xx_and_the_server_keeps_serving(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-nope", prompt="x", max_tokens=3)
     assert e.value.code == "model_not_found"
+
+
+def test_error_bodies_echo_unencodable_text_escaped(server):
+    """A lone surrogate cannot be written as UTF-8: an error body that echoes one escapes it instead of
+    failing to encode (which was a 500 with no body)."""
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for path, body in (("/v1/completions", b'{"prompt": "x", "model": "a\\ud800b"}'),
+                           ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], '
+                                                    b'"model": "\\udcff", "stream": true}')):
+            r = http.post(path, content=body, headers={"content-type": J})
+            assert r.status_code == 404, r.text
+            err = json.loads(r.content.decode("utf-8"))["error"]
+            assert err["code"] == "model_not_found" and err["param"] == "model"
+            assert "\\ud800" in err["message"] or "\\udcff" in err["message"], err
+
+
+def test_tiny_temperatures_sample_greedily(client):
+    """Temperatures below 1e-5 are greedy, as in vLLM: dividing logits by 1e-40 overflows to inf and NaN."""
+    body = {"model": MODEL, "prompt": "Tiny temperatures", "max_tokens": 8, "extra_body": {"ignore_eos": True}}
+    greedy = client.completions.create(temperature=0, **body).choices[0].text
+    for t in (1e-40, 1e-300, 5e-324, 1e-6):
+        assert client.completions.create(temperature=t, **body).choices[0].text == greedy, t
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert (client.chat.completions.create(temperature=5e-324, **chat).choices[0].message.content
+            == client.chat.completions.create(temperature=0, **chat).choices[0].message.content)
 
 
 # -- the end of a server -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the client goes away, or when the server shuts down.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -45,6 +47,7 @@ from tpserve.server.protocol import (
     ModelList,
     SamplingFields,
     Usage,
+    encodable,
 )
 from tpserve.server.text import StopText
 
@@ -94,7 +97,8 @@ class OpenAIServer:
 
     def __init__(self, llm: LLM, model_name: str | None = None) -> None:
         self.llm = llm
-        self.model_name = model_name or os.path.basename(str(llm.info.get("model_dir", "model")).rstrip("/"))
+        name = model_name or os.path.basename(str(llm.info.get("model_dir", "model")).rstrip("/"))
+        self.model_name = encodable(name)  # a path from argv may hold undecodable bytes as surrogates
         self.max_seq_len = int(llm.info["max_seq_len"])
         self.vocab_size = int(llm.info["vocab_size"])
         self.metrics = ServerMetrics(llm.stats)
@@ -148,6 +152,14 @@ class OpenAIServer:
         if tok is None or tok.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        # Rendering and encoding hold the GIL: what cannot fit the context is refused before either.
+        if len(messages) > self.max_seq_len:
+            raise APIError(400, f"{len(messages)} messages: more than this model's maximum context length of "
+                                f"{self.max_seq_len} tokens", "messages", "context_length_exceeded")
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the messages have {chars} characters: more tokens than this model's maximum "
+                                f"context length {self.max_seq_len}", "messages", "context_length_exceeded")
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
         except Exception as e:  # the template's own raise_exception, or what a hostile message provokes
@@ -177,24 +189,30 @@ class OpenAIServer:
                                     f"maximum context length {self.max_seq_len}", "max_tokens",
                                "context_length_exceeded")
             max_tokens.append(wanted)
+        stop_ids = tuple(req.stop_token_ids or ())
+        bad = next((t for t in stop_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "stop_token_ids")
+        top_k = req.top_k if req.top_k < self.vocab_size else 0  # top-k of the whole vocabulary is no top-k
         stops = req.stop_strings()
         choices: list[Choice] = []
         try:
             for i, (ids, wanted) in enumerate(zip(prompts, max_tokens, strict=True)):
                 for j in range(req.n):
                     params = SamplingParams(
-                        max_tokens=wanted, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                        max_tokens=wanted, temperature=req.temperature, top_k=top_k, top_p=req.top_p,
                         seed=None if req.seed is None else (req.seed + j) % 2**63,
-                        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                        stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
                     )
                     stream = self.llm.generate_async(ids, params, streaming=True)
                     choices.append(Choice(i * req.n + j, i, len(ids), stream, StopText(stops), received))
-        except ValueError as e:
+        except BaseException as e:  # none of the choices submitted so far may run on for nobody
             self.finish(choices, "abort")
-            raise APIError(400, str(e)) from None
-        except EngineDeadError as e:
-            self.finish(choices, "abort")
-            raise APIError(503, f"the engine is dead: {e}", code="engine_unavailable") from None
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, f"the engine is dead: {e}", code="engine_unavailable") from None
+            if isinstance(e, ValueError):  # SamplingParams' own bounds, should any be narrower than ours
+                raise APIError(400, str(e)) from None
+            raise
         return choices
 
     def finish(self, choices: list[Choice], reason: str) -> None:
@@ -314,6 +332,33 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
+class UTF8Request(Request):
+    """A request whose JSON body must be UTF-8 (a UTF-8 BOM is allowed). Starlette hands the raw bytes to
+    ``json.loads``, which guesses UTF-16 or UTF-32 from the first bytes and accepts them."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                text = body.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise HTTPException(400, f"the body is not UTF-8 (byte {e.start})") from None
+            self._json = json.loads(text)
+        return self._json
+
+
+class UTF8Route(APIRoute):
+    """A route that reads its body as a ``UTF8Request``."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handle = super().get_route_handler()
+
+        async def utf8(request: Request) -> Response:
+            return await handle(UTF8Request(request.scope, request.receive))
+
+        return utf8
+
+
 class BodyLimit:
     """Refuses a body over ``limit`` bytes with 413 while it is read, so no client can make the server hold
     an arbitrarily large body in memory (the error goes through the app's handlers, as an OpenAI body)."""
@@ -345,6 +390,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
     """The FastAPI app serving ``llm``; ``app.state.server`` is its ``OpenAIServer``."""
     server = OpenAIServer(llm, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
+    app.router.route_class = UTF8Route
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.state.server = server
 
@@ -367,7 +413,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
             if err.get("type") == "json_invalid":
-                msg = f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')} at byte {where}"
+                msg = f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')} at character {where}"
                 where = ""
             parts.append(f"{where}: {msg}" if where and not where.isdigit() else msg)
         return rejected(request, APIError(400, "; ".join(parts) or "invalid request body", param))
@@ -378,6 +424,11 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         if e.status_code == 400:  # FastAPI could not read the body: not JSON in UTF-8
             detail = f"{detail}: send a JSON object in UTF-8"
         return rejected(request, APIError(e.status_code, detail))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception) -> JSONResponse:
+        """A bug, never a client's doing: an OpenAI body all the same (Starlette logs the traceback)."""
+        return _error(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     @app.get("/health")
     async def health() -> Response:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_CHOICES = 64  # prompts x n in one request: bounds what one body can queue
 MAX_STOPS = 16
 MAX_STOP_CHARS = 512
+INT64_MAX = 2**63 - 1  # every integer field; what depends on the model (ids, lengths) is checked by the server
 
 
 class Strict(BaseModel):
@@ -26,19 +27,21 @@ class StreamOptions(Strict):
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]  # bounds the hold-back search per chunk
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
-TokenIds = list[Annotated[int, Field(ge=0)]]
+Count = Annotated[int, Field(ge=1, le=INT64_MAX)]
+TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class SamplingFields(Strict):
     """What completions and chat share; ``top_k``, ``ignore_eos`` and ``stop_token_ids`` are vLLM's names."""
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    max_tokens: Count | None = None
+    temperature: Annotated[Finite, Field(ge=0.0)] = 1.0  # below 1e-5 greedy (SamplingParams.greedy)
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0  # the vocabulary's size or more: no top-k
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     stop: Stop = None
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOPS)] | None = None
     ignore_eos: bool = False
@@ -55,7 +58,8 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: (str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
 
 
 class ContentPart(Strict):
@@ -74,7 +78,7 @@ class ChatMessage(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: Count | None = None  # OpenAI's newer name for max_tokens
     add_generation_prompt: bool = True
 
     def requested_max_tokens(self) -> int | None:
@@ -176,12 +180,19 @@ class APIError(Exception):
     """A request the server refuses, with what the OpenAI error body needs."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        message = encodable(message)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else encodable(param)
         self.code = code
 
     def body(self) -> ErrorResponse:
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
         return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.code))
+
+
+def encodable(text: str) -> str:
+    """``text`` with what UTF-8 cannot carry escaped: a JSON string may hold a lone surrogate ("\\ud800"),
+    and echoing one back would fail to encode the answer. It becomes the six characters ``\\ud800``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
