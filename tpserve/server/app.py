@@ -343,7 +343,12 @@ class UTF8Request(Request):
                 text = body.decode("utf-8-sig")
             except UnicodeDecodeError as e:
                 raise HTTPException(400, f"the body is not UTF-8 (byte {e.start})") from None
-            self._json = json.loads(text)
+            try:
+                self._json = json.loads(text)
+            except json.JSONDecodeError:
+                raise  # FastAPI reports where
+            except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits, nesting too deep
+                raise HTTPException(400, f"the body cannot be read as JSON: {e}") from None
         return self._json
 
 
