@@ -495,6 +495,25 @@ def test_tiny_temperatures_sample_greedily(client):
 # -- the end of a server -------------------------------------------------------------------------------
 
 
+def test_a_request_the_kv_pool_can_never_hold_is_refused_as_too_long(tmp_path):
+    """A KV pool smaller than the context: a prompt plus max_tokens beyond the pool could never run (the
+    engine ends it with an error, which was a 500), so the server's context is the smaller of the two."""
+    small = start_server(tmp_path, "--kv-cache-tokens", "48", "--block-size", "16")
+    try:
+        with httpx.Client(base_url=small.url, timeout=60) as http:
+            assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 48
+            r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 100})
+            err = r.json()["error"]
+            assert r.status_code == 400 and (err["param"], err["code"]) == ("max_tokens", "context_length_exceeded")
+            r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 47, "ignore_eos": True})
+            assert r.json()["usage"]["completion_tokens"] == 47, r.text
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                        "ignore_eos": True})  # the rest of the 48 tokens
+            assert r.json()["usage"]["total_tokens"] == 48, r.text
+    finally:
+        assert small.stop() == 0, small.tail()
+
+
 def test_dead_engine_answers_503_and_exits_cleanly(tmp_path):
     dying = start_server(tmp_path)
     try:

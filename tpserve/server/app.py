@@ -99,7 +99,9 @@ class OpenAIServer:
         self.llm = llm
         name = model_name or os.path.basename(str(llm.info.get("model_dir", "model")).rstrip("/"))
         self.model_name = encodable(name)  # a path from argv may hold undecodable bytes as surrogates
-        self.max_seq_len = int(llm.info["max_seq_len"])
+        # The longest request the engine can ever hold: a KV pool smaller than max_seq_len bounds it too (the
+        # engine would end a longer one with an error).
+        self.max_seq_len = min(int(llm.info["max_seq_len"]), int(llm.info.get("kv_cache_tokens") or 2**63))
         self.vocab_size = int(llm.info["vocab_size"])
         self.metrics = ServerMetrics(llm.stats)
         self.closing = False
