@@ -177,13 +177,13 @@ class OpenAIServer:
         for ids in prompts:
             if not ids:
                 raise APIError(400, "the prompt is empty", prompt_param)
+            room = self.max_seq_len - len(ids)
+            if room < 1:  # before the scan below: a body of millions of ids is refused at once
+                raise APIError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+                                    f"{self.max_seq_len}", prompt_param, "context_length_exceeded")
             bad = next((t for t in ids if t >= self.vocab_size), None)
             if bad is not None:
                 raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", prompt_param)
-            room = self.max_seq_len - len(ids)
-            if room < 1:
-                raise APIError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length is "
-                                    f"{self.max_seq_len}", prompt_param, "context_length_exceeded")
             asked = req.requested_max_tokens()
             wanted = asked if asked is not None else min(default_max or room, room)
             if wanted > room:
