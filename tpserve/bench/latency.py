@@ -97,9 +97,13 @@ def bench_model(name: str, model: str | None, args: argparse.Namespace) -> dict:
     engines = {}
     try:
         for mode in args.modes:
+            batch = args.max_batch_size or max(args.concurrency)
+            seq_len = args.max_seq_len or args.input_len + args.output_len + 8
+            # The engines of every mode run side by side on one device: each gets a pool sized for the load
+            # (unless told otherwise), not a share of the memory the first one left.
             engine = EngineArgs.from_cli_args(
-                args, model=model, max_batch_size=args.max_batch_size or max(args.concurrency),
-                max_seq_len=args.max_seq_len or args.input_len + args.output_len + 8, **MODES[mode])
+                args, model=model, max_batch_size=batch, max_seq_len=seq_len,
+                kv_cache_tokens=args.kv_cache_tokens or batch * seq_len, **MODES[mode])
             engines[mode] = LLM(**dataclasses.asdict(engine))
         info = next(iter(engines.values())).info
         vocab = min(info["vocab_size"], 49152)

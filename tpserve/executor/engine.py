@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +60,7 @@ def pool_blocks(args: Any, config: Any, tp_size: int, device: Any, dtype: Any, m
     if args.kv_cache_tokens is not None:
         return -(-args.kv_cache_tokens // bs) + 1
     if device.type == "cuda":
-        profile_forward(model, config, tp_size, bs, max_num_tokens, device, dtype)
+        profile_forward(model, config, tp_size, bs, max_num_tokens, max_seq_len, device, dtype)
         free, total = torch.cuda.mem_get_info(device)
         others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, NCCL, other processes
         budget = total * args.gpu_memory_utilization - others - torch.cuda.max_memory_allocated(device)
@@ -69,22 +70,29 @@ def pool_blocks(args: Any, config: Any, tp_size: int, device: Any, dtype: Any, m
     return max(min(-(-tokens // bs) + 1, by_memory), 2)
 
 
-def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_tokens: int, device: Any,
-                    dtype: Any) -> None:
-    """One forward of ``num_tokens`` prompt tokens on a throw-away pool, so the peak memory counts the
-    activations of the largest step."""
+def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_tokens: int, max_seq_len: int,
+                    device: Any, dtype: Any) -> None:
+    """One forward of ``num_tokens`` prompt tokens (in sequences of at most ``max_seq_len``) on a throw-away
+    pool, so the peak memory counts the activations of the largest step."""
     import torch
 
     from tpserve.model import AttentionMetadata, KVCache
 
-    blocks = -(-num_tokens // block_size) + 1
-    kv = KVCache(config, tp_size, blocks, block_size, device, dtype)
-    meta, positions = AttentionMetadata.build([list(range(1, blocks))], [0], [num_tokens], block_size, device)
-    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-    model(ids, positions, meta, kv)
-    torch.cuda.synchronize(device)
-    del kv, meta, positions, ids
-    torch.cuda.empty_cache()
+    lens = [min(max_seq_len, num_tokens - start) for start in range(0, num_tokens, max_seq_len)]
+    tables, next_block = [], 1
+    for n in lens:
+        need = -(-n // block_size)
+        tables.append(list(range(next_block, next_block + need)))
+        next_block += need
+    kv = KVCache(config, tp_size, next_block, block_size, device, dtype)
+    meta, positions = AttentionMetadata.build(tables, [0] * len(lens), lens, block_size, device,
+                                              input_ids=[0] * num_tokens)
+    model(meta.input_ids, positions, meta, kv)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del kv, meta, positions
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> tuple[Any, dict[str, Any]]:
@@ -93,6 +101,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     import torch
 
     from tpserve.executor.block_manager import BlockManager
+    from tpserve.executor.cuda_graphs import DecodeGraphs
     from tpserve.executor.dist import init_tensor_parallel, pick_device, pick_dtype
     from tpserve.executor.executor import Executor, ExecutorConfig
     from tpserve.executor.instrument import make_instruments
@@ -121,6 +130,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     stage(comm, "init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
     tp = TPContext(rank, size)
     model, _ = stage(comm, "load_model", lambda: load_model(model_dir, tp, device, dtype))
+    fused = stage(comm, "load_kernels", lambda: model.use_fused_kernels(max_seq_len))
     mine = stage(comm, "size_kv_cache",
                  lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len, max_num_tokens))
     num_blocks = comm.allreduce(mine, op=MPI.MIN)  # every rank's BlockManager must be the same
@@ -130,6 +140,13 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         print(f"tpserve: warning: the KV cache pool holds {capacity} tokens, fewer than max_seq_len={max_seq_len}: "
               "longer requests will end with an error", file=sys.stderr, flush=True)
     blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+    graphs = None
+    capture_s = 0.0
+    if fused and not args.enforce_eager:
+        start = time.perf_counter()
+        graphs = DecodeGraphs(model, kv, blocks, args.max_batch_size, max_seq_len, device)
+        stage(comm, "capture_cuda_graphs", graphs.capture)
+        capture_s = time.perf_counter() - start
     ex_config = ExecutorConfig(
         vocab_size=config.vocab_size,
         max_seq_len=max_seq_len,
@@ -142,7 +159,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         ex_config,
         RequestQueue(comm),
         Scheduler(blocks, args.max_batch_size, max_num_tokens),
-        ModelRunner(model, kv, blocks, device),
+        ModelRunner(model, kv, blocks, device, graphs),
         Sampler(device, args.seed),
         publish,
         device,
@@ -160,6 +177,9 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         "num_kv_blocks": num_blocks,
         "kv_cache_tokens": capacity,
         "enable_prefix_caching": args.enable_prefix_caching,
+        "fused_kernels": fused,
+        "cuda_graphs": graphs.buckets if graphs is not None else [],
+        "graph_capture_s": round(capture_s, 3),
         "tensor_parallel_size": size,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

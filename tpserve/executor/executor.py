@@ -265,10 +265,11 @@ class Executor:
     def _launch_sampling(self, batch: ScheduledBatch, logits: torch.Tensor) -> InFlight:
         rows = [i for i, s in enumerate(batch.seqs) if s.samples]
         requests = [batch.seqs[i].request for i in rows]
-        if len(rows) != len(batch.seqs):
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True))
-        tokens = self.sampler.sample(logits, requests)
         pin = self.device.type == "cuda"
+        if len(rows) != len(batch.seqs):
+            index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=pin)
+            logits = logits.index_select(0, index)
+        tokens = self.sampler.sample(logits, requests)
         host = torch.empty(len(rows), dtype=torch.long, pin_memory=pin)
         host.copy_(tokens, non_blocking=pin)
         event = self.new_event()

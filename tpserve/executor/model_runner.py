@@ -1,21 +1,25 @@
-"""Turns a scheduled batch into model inputs (token ids and the paged-attention metadata) and runs the
-forward pass of this rank's shard."""
+"""Turns a scheduled batch into model inputs (token ids and the paged-attention metadata, one packed copy)
+and runs the forward pass of this rank's shard: a CUDA graph replay for decode batches when graphs are
+captured, eagerly otherwise."""
 
 from __future__ import annotations
 
 import torch
 
 from tpserve.executor.block_manager import BlockManager
+from tpserve.executor.cuda_graphs import DecodeGraphs
 from tpserve.executor.scheduler import ScheduledBatch
 from tpserve.model import AttentionMetadata, KVCache, LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockManager, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockManager, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv = kv
         self.blocks = blocks
         self.device = device
+        self.graphs = graphs
 
     @torch.inference_mode()
     def forward(
@@ -42,17 +46,20 @@ class ModelRunner:
                 assert prev_rows is not None and prev_tokens is not None
                 from_device.append((len(ids), prev_rows[req.request_id]))
                 ids.append(0)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-        if from_device:
-            where, rows = zip(*from_device, strict=True)
-            index = torch.tensor(where, dtype=torch.long).to(self.device, non_blocking=True)
-            src = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-            input_ids.index_copy_(0, index, prev_tokens.index_select(0, src))
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch, ids, from_device, prev_tokens)
         meta, positions = AttentionMetadata.build(
             [self.blocks.block_table(s.request.request_id) for s in batch.seqs],
             [s.start_pos for s in batch.seqs],
             [s.num_tokens for s in batch.seqs],
             self.blocks.block_size,
             self.device,
+            input_ids=ids,
         )
+        input_ids = meta.input_ids
+        assert input_ids is not None
+        if from_device:
+            pin = self.device.type == "cuda"
+            index = torch.tensor(from_device, dtype=torch.long, pin_memory=pin).to(self.device, non_blocking=pin)
+            input_ids.index_copy_(0, index[:, 0], prev_tokens.index_select(0, index[:, 1]).int())
         return self.model(input_ids, positions, meta, self.kv)

@@ -36,7 +36,8 @@ class Sampler:
         rows = [i for i, req in enumerate(requests) if not req.params.greedy]
         if rows:
             sampled = [requests[i] for i in rows]
-            index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+            pin = logits.device.type == "cuda"  # pinned: a copy from pageable memory waits for the device
+            index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=pin)
             tokens.index_copy_(0, index, self._sample_rows(logits.index_select(0, index), sampled))
         return tokens
 
@@ -44,9 +45,10 @@ class Sampler:
         """Temperature, top-k and top-p as batched operations with per-row parameters."""
         n, vocab = logits.shape
         params = [r.params for r in requests]
+        pin = logits.device.type == "cuda"
         host = torch.tensor([[p.temperature, p.top_p, min(p.top_k, vocab) or vocab] for p in params],
-                            dtype=torch.float32)
-        per_row = host.to(logits.device, non_blocking=True)
+                            dtype=torch.float32, pin_memory=pin)
+        per_row = host.to(logits.device, non_blocking=pin)
         temperature, top_p, top_k = per_row[:, 0:1], per_row[:, 1:2], per_row[:, 2:3].long()
         scaled = logits.float() / temperature
         if any(0 < p.top_k < vocab for p in params):

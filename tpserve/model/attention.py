@@ -29,12 +29,13 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [S + 1]: where each sequence's queries start in T
     seq_lens: torch.Tensor  # int32 [S]: context length after this step (cached + new)
     block_tables: torch.Tensor  # int32 [S, W]: the blocks of each sequence, unused entries 0
-    slot_mapping: torch.Tensor  # int64 [T]: block * block_size + offset, where each new token's k/v go
-    last_token_index: torch.Tensor  # int64 [S]: index into T of each sequence's last new token
+    slot_mapping: torch.Tensor  # int32 [T]: block * block_size + offset, where each new token's k/v go
+    last_token_index: torch.Tensor  # int32 [S]: index into T of each sequence's last new token
     num_decodes: int  # host scalars, not per sequence: sizes for the reference's padding
     max_query_len: int
     max_decode_seq_len: int
     max_prefill_seq_len: int
+    input_ids: torch.Tensor | None = None  # int32 [T], when the step's tokens travelled with the metadata
 
     @classmethod
     def build(
@@ -44,11 +45,14 @@ class AttentionMetadata:
         query_lens: list[int],
         block_size: int,
         device: torch.device | str,
+        input_ids: list[int] | None = None,
     ) -> tuple[AttentionMetadata, torch.Tensor]:
-        """Builds the metadata and the positions tensor [T] with one host-to-device copy.
+        """Builds the metadata and the positions tensor [T] with one host-to-device copy (pinned on CUDA, so
+        the copy never waits for the device). ``input_ids`` [T], when given, travel in the same copy and land
+        in ``meta.input_ids``.
 
         Sequence i's new tokens sit at positions start_positions[i] .. start_positions[i] + query_lens[i] - 1.
-        Decodes (one new token) must come first."""
+        Decodes (one new token) come first; ``num_decodes`` counts them."""
         s = len(query_lens)
         if not len(block_tables) == len(start_positions) == s:
             raise ValueError("block_tables, start_positions and query_lens must have the same length")
@@ -67,28 +71,30 @@ class AttentionMetadata:
             tables[i, :need] = table[:need]
         qsl = np.zeros(s + 1, dtype=np.int64)
         np.cumsum(qlens, out=qsl[1:])
+        t = int(qsl[-1])
         seq_of_token = np.repeat(np.arange(s), qlens)
-        positions = np.arange(int(qsl[-1])) - qsl[:-1][seq_of_token] + starts[seq_of_token]
+        positions = np.arange(t) - qsl[:-1][seq_of_token] + starts[seq_of_token]
         slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        ids = np.asarray(input_ids if input_ids is not None else [], dtype=np.int64)
+        parts = [qsl, seq_lens, qsl[1:] - 1, slots, positions, ids, tables.ravel()]
+        host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
         device = torch.device(device)
-        host = torch.from_numpy(np.concatenate([qsl, seq_lens, qsl[1:] - 1, slots, positions, tables.ravel()]))
         if device.type == "cuda":
             host = host.pin_memory()
-        packed = host.to(device, non_blocking=True)
-        t = int(qsl[-1])
-        parts = torch.split(packed, [s + 1, s, s, t, t, s * width])
+        packed = torch.split(host.to(device, non_blocking=True), [len(p) for p in parts])
         meta = cls(
-            query_start_loc=parts[0].int(),
-            seq_lens=parts[1].int(),
-            block_tables=parts[5].view(s, width).int(),
-            slot_mapping=parts[3],
-            last_token_index=parts[2],
+            query_start_loc=packed[0],
+            seq_lens=packed[1],
+            block_tables=packed[6].view(s, width),
+            slot_mapping=packed[3],
+            last_token_index=packed[2],
             num_decodes=num_decodes,
             max_query_len=int(qlens.max()),
             max_decode_seq_len=int(seq_lens[:num_decodes].max()) if num_decodes else 0,
             max_prefill_seq_len=int(seq_lens[num_decodes:].max()) if num_decodes < s else 0,
+            input_ids=packed[5] if input_ids is not None else None,
         )
-        return meta, parts[4]
+        return meta, packed[4]
 
 
 def store_kv_reference(

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tpserve import kernels
+from tpserve.kernels.policy import backend_for
 from tpserve.model.attention import Attention, AttentionMetadata, KVCache
 from tpserve.model.config import ModelConfig
 from tpserve.model.parallel import (
@@ -122,6 +124,25 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return self.o_proj(self.attn(q, k, v, meta, kv))
 
+    def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                      meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        """The GPU path: q/k norm, RoPE and the KV store in one kernel, then paged attention (Triton)."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        layer = self.attn.layer
+        k_cache, v_cache = kv.k[layer], kv.v[layer]
+        q_norm = self.q_norm.weight if self.q_norm is not None else None
+        k_norm = self.k_norm.weight if self.k_norm is not None else None
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q = kernels.qk_norm_rope_store(q, k, v, positions, cos_sin, q_norm, k_norm, eps, k_cache, v_cache,
+                                       meta.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                      self.attn.scale, num_decodes=meta.num_decodes)
+        return self.o_proj(out.flatten(1))
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPContext) -> None:
@@ -177,6 +198,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config)
+        self.cos_sin: torch.Tensor | None = None  # set by use_fused_kernels: the GPU path
 
     def tie_weights(self) -> None:
         """Shares the embedding with the LM head when the config ties them (again after moving devices,
@@ -184,14 +206,45 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def use_fused_kernels(self, max_positions: int) -> bool:
+        """Switches to the GPU path (Triton kernels, fused residual adds and norms) when the weights are on a
+        GPU and triton imports; the plain-torch path stays the CPU's and the reference."""
+        if backend_for(self.lm_head.weight) != "triton":
+            return False
+        self.cos_sin = kernels.build_cos_sin_cache(self.rotary.inv_freq.to(self.lm_head.weight.device),
+                                                   max_positions)
+        return True
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
         """Returns float32 logits [S, vocab_size] for the last new token of each sequence, identical on every rank."""
+        if self.cos_sin is not None:
+            return self._forward_fused(input_ids, positions, meta, kv)
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, positions, meta, kv)
         x = self.model.norm(x[meta.last_token_index])
         return self.lm_head(x).float()
+
+    def _forward_fused(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
+    ) -> torch.Tensor:
+        """The same math with each residual add fused into the norm that follows it (vLLM's layout)."""
+        layers = self.model.layers
+        residual = self.model.embed_tokens(input_ids)
+        eps = self.config.rms_norm_eps
+        h = kernels.rms_norm(residual, layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn.forward_fused(h, positions, self.cos_sin, meta, kv)
+            h, residual = kernels.add_rmsnorm(attn, residual, layer.post_attention_layernorm.weight, eps)
+            mlp = layer.mlp.down_proj(kernels.silu_and_mul(layer.mlp.gate_up_proj(h)))
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            if i + 1 < len(layers):
+                h, residual = kernels.add_rmsnorm(mlp, residual, norm.weight, eps)
+            else:
+                last = meta.last_token_index
+                h, _ = kernels.add_rmsnorm(mlp[last], residual[last], norm.weight, eps)
+        return self.lm_head(h).float()
