@@ -105,6 +105,11 @@ def test_bad_requests_fail_alone(llm):
 def test_bad_call_arguments_raise_at_the_call(llm):
     with pytest.raises(ValueError, match="SamplingParams.temperature"):
         llm.generate([[1, 2]], SamplingParams(temperature=-1))
+    for ids in ([1, 2**64], [1, True], [1, 2.0]):  # cannot even travel: refused here, the engine never sees it
+        with pytest.raises(ValueError, match="prompt: token ids must be integers"):
+            llm.generate([ids], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="SamplingParams.top_k"):
+        llm.generate([[1, 2]], SamplingParams(top_k=2**64))
     with pytest.raises(TypeError, match="SamplingParams"):
         llm.generate([[1, 2]], {"max_tokens": 3})
     with pytest.raises(TypeError, match="prompt must be"):

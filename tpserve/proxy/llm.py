@@ -98,6 +98,10 @@ class LLM:
                 raise ValueError("this model has no tokenizer: pass token ids")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)):
+            # What cannot even travel is refused here; ids outside the vocabulary end the request with an
+            # error in the engine, like every request the engine cannot serve.
+            if not all(isinstance(t, int) and not isinstance(t, bool) and -(2**31) <= t < 2**31 for t in prompt):
+                raise ValueError("prompt: token ids must be integers in [-2**31, 2**31)")
             return None, list(prompt)
         raise TypeError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
 
