@@ -40,15 +40,41 @@ def pick_dtype(dtype: str, config_dtype: str, device: torch.device) -> torch.dty
     return names[dtype]
 
 
+def rendezvous_host(hosts: list[str]) -> str:
+    """The address rank 0 (``hosts[0]``) offers the others for the torch.distributed rendezvous. Loopback
+    when every rank shares its host; else ``MASTER_ADDR`` when set; else the source address of rank 0's
+    route to another rank's host, which that host can reach back (a hostname's own entry in /etc/hosts is
+    often 127.0.1.1 or 127.0.0.1, which would send the other hosts to themselves); else the hostname's
+    address, when no other host's name resolves here."""
+    if len(set(hosts)) == 1:
+        return "127.0.0.1"
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    other = next(h for h in hosts if h != hosts[0])
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((other, 9))  # a UDP connect sends nothing: it only picks the route
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(hosts[0])
+
+
 def init_tensor_parallel(comm: MPI.Comm, device: torch.device) -> None:
     """All ranks of ``comm`` join one torch.distributed group: gloo on CPU, NCCL on CUDA. Rank 0 picks
-    the address (loopback when every rank shares its host) and a free port, and broadcasts them."""
+    the address (``rendezvous_host``) and a free port, and broadcasts them.
+
+    On CUDA, ``device_id`` binds the group to this rank's GPU, so the NCCL communicator is created here,
+    eagerly, before anything is captured: a CUDA graph cannot create one, and the first collectives (the
+    profiling forward that sizes the KV pool) run eagerly before the decode graphs are captured with their
+    all-reduces inside. Every rank replays the same graph in a step because the bucket follows from the
+    batch size, which the ranks share (see ``cuda_graphs``). ``destroy_tensor_parallel`` must come after
+    the graphs are destroyed (the worker's teardown)."""
     if comm.Get_size() == 1:
         return
     hosts = comm.allgather(socket.gethostname())
     addr = None
     if comm.Get_rank() == 0:
-        addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
+        addr = rendezvous_host(hosts)
         with socket.socket() as s:
             s.bind((addr, 0))
             addr = f"tcp://{addr}:{s.getsockname()[1]}"
@@ -65,5 +91,6 @@ def init_tensor_parallel(comm: MPI.Comm, device: torch.device) -> None:
 
 
 def destroy_tensor_parallel() -> None:
+    """Ends the group (and the NCCL communicator); CUDA graphs that captured its collectives go first."""
     if dist.is_initialized():
         dist.destroy_process_group()

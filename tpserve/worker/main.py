@@ -1,5 +1,6 @@
 """The worker process: one tensor-parallel rank. Starts up in lock-step with the other ranks, runs
-the executor loop on a thread, and tears down in a fixed order (loop joined, sockets, communicators)."""
+the executor loop on a thread, and tears down in a fixed order (loop joined, sockets, CUDA graphs,
+communicators)."""
 
 from __future__ import annotations
 
@@ -144,6 +145,19 @@ def _remove_connection_file(io, path: str | None) -> None:
         trace("worker", "connection_file_removed", path=path)
 
 
+def _release_cuda_graphs(executor) -> None:
+    """Decode graphs captured with NCCL all-reduces inside hold the communicator's work: they are destroyed
+    (after the device is idle) before the process group, or NCCL may tear down under a live graph."""
+    graphs = executor.runner.graphs
+    if graphs is None:  # CPU, eager mode, or no fused kernels: nothing was captured
+        return
+    import torch
+
+    torch.cuda.synchronize(executor.device)
+    graphs.close()
+    trace("worker", "cuda_graphs_destroyed", buckets=len(graphs.buckets))
+
+
 def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> int:
     """Runs the executor loop on a thread until the sentinel, then tears down in a fixed order."""
     rank = comm.Get_rank()
@@ -190,6 +204,7 @@ def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> i
         if executor.events is not None:
             executor.events.close()
         executor.queue.close()
+        _release_cuda_graphs(executor)
         from tpserve.executor.dist import destroy_tensor_parallel
 
         destroy_tensor_parallel()
