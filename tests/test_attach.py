@@ -20,9 +20,11 @@ from tpserve.proxy.launcher import mpi_environment, mpirun_path, session_pids
 class Workers:
     """``mpirun -n N python -m tpserve.worker ... --connection-file FILE`` in a session of its own."""
 
-    def __init__(self, tmp_path: Path, conn: Path, n: int, name: str) -> None:
-        self.cmd = [mpirun_path(), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
-                    "--model", str(built_model("qwen3")), "--max-seq-len", "64", "--connection-file", str(conn)]
+    def __init__(self, tmp_path: Path, conn: Path, n: int, name: str, mpirun_args: tuple[str, ...] = (),
+                 worker_args: tuple[str, ...] = ()) -> None:
+        self.cmd = [mpirun_path(), *mpirun_args, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
+                    "--model", str(built_model("qwen3")), "--max-seq-len", "64", "--connection-file", str(conn),
+                    *worker_args]
         self.log_path = tmp_path / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(self.cmd, cwd=ROOT, env=mpi_environment(n), stdout=log,
