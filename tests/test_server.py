@@ -294,6 +294,34 @@ def test_several_prompts_and_n(client):
     assert out.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in single)
 
 
+def test_a_shared_prefix_is_reported_as_cached_tokens(server, client):
+    """A prompt that shares whole KV blocks (16 tokens each) with an earlier one reads them from the prefix
+    cache, and its usage says how many prompt tokens that was: completions, streamed usage and chat."""
+    rng = random.Random()  # a prefix no other request of this run has sent
+    prefix = [rng.randrange(100, 10_000) for _ in range(40)]  # two whole blocks, and 8 tokens of a third
+
+    def cached(prompt: list[int], **kw) -> int:
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY, **kw)
+        usage = out.usage if not kw.get("stream") else list(out)[-1].usage
+        assert usage.prompt_tokens == len(prompt)
+        return usage.prompt_tokens_details.cached_tokens
+
+    assert cached(prefix + [7]) == 0
+    assert cached(prefix + [8, 9]) == 32  # the whole blocks of the shared prefix; the rest is computed
+    assert cached(prefix + [10], stream=True, stream_options={"include_usage": True}) == 32
+    assert cached([rng.randrange(100, 10_000) for _ in range(40)]) == 0
+
+    system = f"Session {rng.randrange(10**9)}. " + "You answer in one short sentence, politely. " * 4
+    answers = [client.chat.completions.create(model=MODEL, max_tokens=2, **GREEDY, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": question}]) for question in ("Hi", "Yo")]
+    assert answers[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert answers[1].usage.prompt_tokens_details.cached_tokens >= 32
+
+    wait_for(lambda: metric_values(server)[("tpserve_prefix_cache_hit_rate", ())] > 0, 10, "a hit rate")
+    # Idle, nothing holds a block: the cached ones are evictable, which counts as free.
+    wait_for(lambda: metric_values(server)[("tpserve_kv_cache_usage_perc", ())] == 0, 10, "an empty KV cache")
+
+
 # -- many streams, disconnects, metrics ---------------------------------------------------------------
 
 
@@ -365,10 +393,15 @@ def test_metrics_parse_and_move(server, client):
     assert delta("tpserve_e2e_request_latency_seconds_count") == 1
     assert after[("tpserve_e2e_request_latency_seconds_bucket", (("le", "+Inf"),))] >= 1
     for gauge in ("tpserve_num_requests_running", "tpserve_num_requests_waiting", "tpserve_iteration_time_seconds",
-                  "tpserve_kv_cache_usage_ratio"):
+                  "tpserve_kv_cache_usage_perc", "tpserve_prefix_cache_hit_rate", "tpserve_num_free_blocks",
+                  "tpserve_num_preemptions_total"):
         assert (gauge, ()) in after, gauge
     assert after[("tpserve_iteration_time_seconds", ())] > 0
-    assert 0.0 <= after[("tpserve_kv_cache_usage_ratio", ())] <= 1.0
+    assert 0.0 <= after[("tpserve_kv_cache_usage_perc", ())] <= 1.0
+    assert 0.0 <= after[("tpserve_prefix_cache_hit_rate", ())] <= 1.0
+    assert after[("tpserve_num_free_blocks", ())] > 0 and after[("tpserve_num_preemptions_total", ())] >= 0
+    families = {f.name: f.type for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    assert families["tpserve_num_preemptions"] == "counter" and families["tpserve_num_free_blocks"] == "gauge"
 
 
 # -- what a client should never send -------------------------------------------------------------------

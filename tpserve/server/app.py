@@ -45,6 +45,7 @@ from tpserve.server.protocol import (
     Delta,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SamplingFields,
     Usage,
     encodable,
@@ -232,9 +233,14 @@ class OpenAIServer:
 
     @staticmethod
     def usage(choices: list[Choice]) -> Usage:
-        prompt = sum({c.prompt_index: c.prompt_len for c in choices}.values())  # n choices share a prompt
+        """Tokens of the answer so far; a prompt counts once however many (``n``) choices share it, and its
+        cached tokens are its first choice's (the first to reach the engine)."""
+        first = {c.prompt_index: c for c in reversed(choices)}.values()
+        prompt = sum(c.prompt_len for c in first)
+        cached = sum(c.stream.output.num_cached_tokens for c in first)
         done = sum(c.tokens for c in choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+        return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     async def run_to_end(self, request: Request, choices: list[Choice]) -> None:
         """Runs every choice to its end, aborting them all if the client disconnects first."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 OUTCOMES = ("stop", "length", "abort", "error", "rejected")
@@ -14,21 +14,34 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15
                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
+# (metric, key of LLM.stats(), help); the names follow vLLM's (vllm:kv_cache_usage_perc, ...).
+ENGINE_GAUGES = (
+    ("tpserve_num_requests_running", "running", "Requests in the engine's running batch."),
+    ("tpserve_num_requests_waiting", "waiting", "Requests queued in the engine, not yet running."),
+    ("tpserve_iteration_time_seconds", "iteration_time_s", "Recent mean time of one engine iteration."),
+    ("tpserve_kv_cache_usage_perc", "kv_cache_usage", "Fraction of the KV cache blocks in use (1 is 100%)."),
+    ("tpserve_prefix_cache_hit_rate", "prefix_cache_hit_rate",
+     "Prompt tokens served from the prefix cache / prompt tokens looked up, since the start."),
+    ("tpserve_num_free_blocks", "num_free_blocks", "KV cache blocks a new allocation could take."),
+)
+# Cumulative in the engine: counters, so that rate() works (the exported name gains _total).
+ENGINE_COUNTERS = (
+    ("tpserve_num_preemptions", "num_preemptions", "Requests preempted (KV freed, recomputed later)."),
+)
+
+
 class EngineCollector(Collector):
-    """Gauges of the engine's load, read when Prometheus scrapes (no thread polls the engine)."""
+    """The engine's load and KV cache, read when Prometheus scrapes (no thread polls the engine)."""
 
     def __init__(self, stats: Callable[[], dict]) -> None:
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
         s = self.stats()
-        for name, key, doc in (
-            ("tpserve_num_requests_running", "running", "Requests in the engine's running batch."),
-            ("tpserve_num_requests_waiting", "waiting", "Requests queued in the engine for a batch slot."),
-            ("tpserve_iteration_time_seconds", "iteration_time_s", "Recent mean time of one engine iteration."),
-            ("tpserve_kv_cache_usage_ratio", "kv_cache_usage", "Fraction of the KV cache in use (0 to 1)."),
-        ):
+        for name, key, doc in ENGINE_GAUGES:
             yield GaugeMetricFamily(name, doc, value=float(s.get(key) or 0.0))
+        for name, key, doc in ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=float(s.get(key) or 0.0))
 
 
 class ServerMetrics:
