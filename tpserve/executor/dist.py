@@ -64,9 +64,9 @@ def init_tensor_parallel(comm: MPI.Comm, device: torch.device) -> None:
     the address (``rendezvous_host``) and a free port, and broadcasts them.
 
     On CUDA, ``device_id`` binds the group to this rank's GPU, so the NCCL communicator is created here,
-    eagerly, before anything is captured: a CUDA graph cannot create one, and the first collectives (the
-    profiling forward that sizes the KV pool) run eagerly before the decode graphs are captured with their
-    all-reduces inside. Every rank replays the same graph in a step because the bucket follows from the
+    eagerly, before anything is captured: a CUDA graph cannot create one. The first collectives run
+    eagerly too (the profiling forward that sizes the KV pool, and each bucket's run before its capture),
+    then the decode graphs are captured with their all-reduces inside. Every rank replays the same graph in a step because the bucket follows from the
     batch size, which the ranks share (see ``cuda_graphs``). ``destroy_tensor_parallel`` must come after
     the graphs are destroyed (the worker's teardown)."""
     if comm.Get_size() == 1:
