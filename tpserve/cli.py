@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
-from tpserve.engine_args import EngineArgs
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """What every command that starts an LLM takes (generate, serve): the engine options, and the proxy's."""
-    EngineArgs.add_cli_args(p)
-    p.add_argument("--connect", default=None, help="attach to workers through this connection file")
-    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds the workers may take to start")
-
-
-def make_llm(args: argparse.Namespace):
-    from tpserve import LLM
-
-    engine = EngineArgs.from_cli_args(args)
-    return LLM(connect=args.connect, startup_timeout=args.startup_timeout, **dataclasses.asdict(engine))
+from tpserve.llm_args import add_engine_args, make_llm
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

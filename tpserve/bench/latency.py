@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tpserve import LLM, RequestOutput, SamplingParams
 from tpserve.engine_args import EngineArgs
+from tpserve.latency_stats import chunk_gaps, percentile
 
 MODES = {
     "plain": {"enable_overlap": False},
@@ -32,15 +33,6 @@ PARTS = [  # TTFT = the sum of these hops, from the request's metrics
     ("host to publish", "first_token_host", "first_token_published"),
     ("publish to user", "first_token_published", "first_token_received"),
 ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def run_load(llm: LLM, concurrency: int, num_requests: int, input_len: int, output_len: int, seed: int,
@@ -75,10 +67,7 @@ def run_load(llm: LLM, concurrency: int, num_requests: int, input_len: int, outp
 
 def summarize(outputs: list[RequestOutput], wall: float) -> dict:
     ttft = [o.metrics.ttft * 1000 for o in outputs if o.metrics.ttft is not None]
-    itl = []
-    for o in outputs:
-        times = o.metrics.chunk_times
-        itl += [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
+    itl = [gap * 1000 for o in outputs for gap in chunk_gaps(o.metrics.chunk_times)]
     parts = {}
     for name, a, b in PARTS:
         vals = [(getattr(o.metrics, b) - getattr(o.metrics, a)) * 1000 for o in outputs

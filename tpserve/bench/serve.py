@@ -27,6 +27,7 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
+from tpserve.latency_stats import chunk_gaps, percentile, token_gaps
 from tpserve.proxy.tokenizer import Tokenizer
 
 PERCENTILES = (50, 90, 99)
@@ -58,11 +59,11 @@ class Result:
 
     def itls(self) -> list[float]:
         """Gaps between consecutive token-carrying chunks (vLLM's ITL)."""
-        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+        return chunk_gaps(self.chunk_times)
 
     def token_itls(self) -> list[float]:
         """Each chunk's gap divided evenly among the tokens it carried."""
-        return [gap / n for gap, n in zip(self.itls(), self.chunk_tokens[1:], strict=True) for _ in range(n)]
+        return token_gaps(self.chunk_times, self.chunk_tokens)
 
     def tpot(self) -> float | None:
         return (self.e2e - self.ttft) / (self.output_len - 1) if self.output_len > 1 else None
@@ -210,8 +211,9 @@ def summary(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=float) * 1000.0
     if a.size == 0:
         return {"mean": 0.0, "std": 0.0, "median": 0.0, **{f"p{q}": 0.0 for q in PERCENTILES}}
-    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)),
-            **{f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES}}
+    values = a.tolist()
+    return {"mean": float(a.mean()), "std": float(a.std()), "median": percentile(values, 50),
+            **{f"p{q}": percentile(values, q) for q in PERCENTILES}}
 
 
 def throughput_series(results: list[Result], duration: float) -> tuple[list[float], list[float], float]:

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tpserve.latency_stats import token_gaps
+
 OUTCOMES = ("stop", "length", "abort", "error", "rejected")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -63,17 +65,16 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         r.register(EngineCollector(stats))
 
-    def observe(self, outcome: str, prompt_tokens: int, ttft: float | None, token_times: Sequence[tuple[float, int]],
-                e2e: float) -> None:
-        """One finished choice: ``token_times`` holds (receipt time, tokens) of each chunk that carried tokens."""
+    def observe(self, outcome: str, prompt_tokens: int, ttft: float | None, chunk_times: Sequence[float],
+                chunk_tokens: Sequence[int], e2e: float) -> None:
+        """One finished choice; ``chunk_times`` and ``chunk_tokens``: the chunks that carried tokens to it."""
         self.requests.labels(outcome if outcome in OUTCOMES else "error").inc()
         self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(sum(n for _, n in token_times))
+        self.generation_tokens.inc(sum(chunk_tokens))
         if ttft is not None:
             self.ttft.observe(ttft)
-        for (before, _), (t, n) in zip(token_times, token_times[1:], strict=False):  # gap shared by the chunk
-            for _ in range(n):
-                self.itl.observe((t - before) / n)
+        for gap in token_gaps(chunk_times, chunk_tokens):
+            self.itl.observe(gap)
         self.e2e.observe(e2e)
 
     def render(self) -> bytes:

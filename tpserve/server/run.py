@@ -14,9 +14,10 @@ from types import FrameType
 
 import uvicorn
 
-from tpserve.cli import add_engine_args, make_llm
 from tpserve.errors import WorkerStartupError
-from tpserve.server.app import OpenAIServer, create_app
+from tpserve.llm_args import add_engine_args, make_llm
+from tpserve.server.app import create_app
+from tpserve.server.serving import OpenAIServer
 
 GRACE_S = 30.0  # how long in-flight responses get to end after the signal
 
