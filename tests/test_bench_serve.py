@@ -4,13 +4,17 @@ result, the plots, arrival control (rate, concurrency), exact prompt lengths and
 from __future__ import annotations
 
 import json
+import math
+import random
 import sys
 
+import numpy as np
 import pytest
 from helpers import built_model, run_group
 from test_server import MAX_SEQ_LEN, free_port, start_server
 
 from tpserve.bench.serve import Result, random_prompts, summary, throughput_series
+from tpserve.latency_stats import percentile, token_gaps
 from tpserve.proxy.tokenizer import Tokenizer
 
 STATS = ("mean", "median", "p90", "p99")
@@ -122,3 +126,15 @@ def test_latency_arithmetic():
     starts, rates, width = throughput_series([r], 2.0)
     assert sum(rates) * width == pytest.approx(5)  # every token lands in one bin
     assert len(starts) == len(rates)
+
+
+def test_shared_percentile_and_token_gaps():
+    """The one percentile the benchmarks use is numpy's linear one; per-token gaps share each chunk's gap."""
+    rng = random.Random(0)
+    for _ in range(200):
+        values = [rng.expovariate(1.0) for _ in range(rng.randint(1, 40))]
+        q = rng.choice([0, 12.5, 50, 90, 99, 100])
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), abs=1e-12)
+    assert math.isnan(percentile([], 50))
+    assert token_gaps([1.0, 1.3, 2.0], [3, 1, 2]) == pytest.approx([0.3, 0.35, 0.35])
+    assert token_gaps([5.0], [4]) == [] and token_gaps([], []) == []
