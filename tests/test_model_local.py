@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from tpserve.kernels.reference import paged_attention as paged_attention_reference
 from tpserve.model import AttentionMetadata, ModelConfig, TPContext, load_model, make_model
-from tpserve.model.attention import paged_attention_reference
 from tpserve.model.llama import rope_inv_freq
 
 PROMPTS = [

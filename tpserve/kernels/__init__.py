@@ -71,7 +71,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over the paged caches -> [T, Hq, D]. On CUDA: the split-KV decode
     kernel when T == S, else the varlen kernel (with the first num_decodes single-query sequences, a host
-    count, sent to the decode kernel); graph-capturable. Elsewhere: one SDPA per sequence."""
+    count, sent to the decode kernel); graph-capturable. Elsewhere: the batched torch oracle."""
     args = (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
     if backend_for(q) == "triton":
         from tpserve.kernels import attention

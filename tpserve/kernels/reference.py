@@ -94,32 +94,39 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries to its whole context, read through its block table.
+    """The oracle: q [T, Hq, D] -> [T, Hq, D], every sequence in one padded scaled_dot_product_attention.
 
-    Query i of sequence s sits at position seq_lens[s] - q_len[s] + i. One SDPA per sequence: this is the CPU
-    path and an oracle, not a fast path (it reads the lengths to the host).
-    """
-    out = torch.zeros_like(q)
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    Queries are scattered into [S, max_query_len] rows and keys gathered through the block tables into
+    [S, max_seq_len]; the mask allows key j to query i of sequence s iff j <= its position. Its memory grows
+    with S * max_query_len * max_seq_len: the engine calls it once for the decodes and once for the prefills.
+    The two maxima are host sizes; when not given they are read from the device (a sync: tests only)."""
+    s = seq_lens.shape[0]
+    t, hq, d = q.shape
     block_size = k_cache.shape[1]
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    for s, ctx in enumerate(lens):
-        a, b = starts[s], starts[s + 1]
-        if b == a or ctx == 0:
-            continue
-        blocks = block_tables[s, : -(-ctx // block_size)].long()
-        keys = k_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx]
-        values = v_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx]
-        query_pos = torch.arange(ctx - (b - a), ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= query_pos[:, None]
-        seq_out = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1)[None],
-            keys.transpose(0, 1)[None],
-            values.transpose(0, 1)[None],
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[a:b] = seq_out[0].transpose(0, 1)
-    return out
+    qsl, lens = query_start_loc.long(), seq_lens.long()
+    qlens = qsl[1:] - qsl[:-1]
+    if max_query_len is None:
+        max_query_len = int(qlens.max())
+    if max_seq_len is None:
+        max_seq_len = int(lens.max())
+    seq_of_token = torch.repeat_interleave(torch.arange(s, device=q.device), qlens, output_size=t)
+    row = torch.arange(t, device=q.device) - qsl[:-1][seq_of_token]
+    padded_q = q.new_zeros(s, max_query_len, hq, d)
+    padded_q[seq_of_token, row] = q
+    nblocks = -(-max_seq_len // block_size)
+    tables = block_tables[:, :nblocks].long()
+    keys = k_cache[tables].flatten(1, 2)[:, :max_seq_len]  # [S, L, Hkv, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_seq_len]
+    query_pos = (lens - qlens)[:, None] + torch.arange(max_query_len, device=q.device)[None, :]  # [S, Q]
+    key_pos = torch.arange(max_seq_len, device=q.device)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [S, Q, L]; padding rows see their past too
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True,
+    )  # [S, Hq, Q, D]
+    return out.transpose(1, 2)[seq_of_token, row].to(q.dtype)
+
+

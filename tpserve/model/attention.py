@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tpserve.kernels import reference
 from tpserve.model.config import ModelConfig
 
 
@@ -97,58 +97,6 @@ class AttentionMetadata:
         return meta, packed[4]
 
 
-def store_kv_reference(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Writes new k/v [T, Hkv, D] into the pool [num_blocks, block_size, Hkv, D] at their slots."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping.long(), k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping.long(), v.to(v_cache.dtype))
-
-
-def paged_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-) -> torch.Tensor:
-    """The oracle: q [T, Hq, D] -> [T, Hq, D], every sequence in one padded scaled_dot_product_attention.
-
-    Queries are scattered into [S, max_query_len] rows and keys gathered through the block tables into
-    [S, max_seq_len]; the mask allows key j to query i of sequence s iff j <= its position. Its memory grows
-    with S * max_query_len * max_seq_len: the engine calls it once for the decodes and once for the prefills.
-    The two maxima are host sizes; when not given they are read from the device (a sync: tests only)."""
-    s = seq_lens.shape[0]
-    t, hq, d = q.shape
-    block_size = k_cache.shape[1]
-    qsl, lens = query_start_loc.long(), seq_lens.long()
-    qlens = qsl[1:] - qsl[:-1]
-    if max_query_len is None:
-        max_query_len = int(qlens.max())
-    if max_seq_len is None:
-        max_seq_len = int(lens.max())
-    seq_of_token = torch.repeat_interleave(torch.arange(s, device=q.device), qlens, output_size=t)
-    row = torch.arange(t, device=q.device) - qsl[:-1][seq_of_token]
-    padded_q = q.new_zeros(s, max_query_len, hq, d)
-    padded_q[seq_of_token, row] = q
-    nblocks = -(-max_seq_len // block_size)
-    tables = block_tables[:, :nblocks].long()
-    keys = k_cache[tables].flatten(1, 2)[:, :max_seq_len]  # [S, L, Hkv, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_seq_len]
-    query_pos = (lens - qlens)[:, None] + torch.arange(max_query_len, device=q.device)[None, :]  # [S, Q]
-    key_pos = torch.arange(max_seq_len, device=q.device)
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [S, Q, L]; padding rows see their past too
-    out = F.scaled_dot_product_attention(
-        padded_q.transpose(1, 2).to(keys.dtype), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=True,
-    )  # [S, Hq, Q, D]
-    return out.transpose(1, 2)[seq_of_token, row].to(q.dtype)
-
-
 class KVCache:
     """The block pool: k and v of shape [num_layers, num_blocks, block_size, num_kv_heads_local, head_dim].
 
@@ -193,22 +141,22 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] (local heads, RoPE applied) -> [T, Hq * D]."""
         k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]
-        store_kv_reference(k, v, k_cache, v_cache, meta.slot_mapping)
+        reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         d = meta.num_decodes
         s = meta.seq_lens.shape[0]
         if d == s or d == 0:  # one kind of sequence: one call
-            out = paged_attention_reference(
+            out = reference.paged_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale,
                 meta.max_query_len, max(meta.max_decode_seq_len, meta.max_prefill_seq_len),
             )
             return out.flatten(1)
         # Decodes first (one query each), then the prefill chunks: two calls, so the decodes' rows are not
         # padded to the longest chunk.
-        decode_out = paged_attention_reference(
+        decode_out = reference.paged_attention(
             q[:d], k_cache, v_cache, meta.query_start_loc[: d + 1], meta.seq_lens[:d], meta.block_tables[:d],
             self.scale, 1, meta.max_decode_seq_len,
         )
-        prefill_out = paged_attention_reference(
+        prefill_out = reference.paged_attention(
             q[d:], k_cache, v_cache, meta.query_start_loc[d:] - d, meta.seq_lens[d:], meta.block_tables[d:],
             self.scale, meta.max_query_len, meta.max_prefill_seq_len,
         )
