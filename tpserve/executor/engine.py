@@ -163,7 +163,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         Sampler(device, args.seed),
         publish,
         device,
-        *make_instruments(comm),
+        make_instruments(comm),
     )
     info = {
         "model_dir": model_dir,

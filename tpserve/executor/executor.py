@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tpserve import wire
-from tpserve.executor.instrument import EventLog, Faults, RankChecker
+from tpserve.executor.instrument import Instruments
 from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import Request, RequestDelta
 from tpserve.executor.sampler import Sampler
@@ -79,9 +79,7 @@ class Executor:
         sampler: Sampler,
         publish: Publisher,
         device: torch.device,
-        events: EventLog | None = None,
-        checker: RankChecker | None = None,
-        faults: Faults = Faults(),  # noqa: B008 - frozen
+        hooks: Instruments | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -97,9 +95,7 @@ class Executor:
         self.shutting_down = False
         self.iteration = 0
         self.prev: InFlight | None = None
-        self.events = events
-        self.checker = checker
-        self.faults = faults
+        self.hooks = hooks if hooks is not None else Instruments()  # debug hooks: no-ops unless switched on
         self.iteration_time = 0.0  # moving average of busy iterations, seconds
         self.drain_watch: Watchdog | None = None
 
@@ -119,8 +115,7 @@ class Executor:
         trace("executor_loop", "loop_exit", iteration=self.iteration)
 
     def step(self) -> None:
-        if self.faults.raise_at is not None and self.iteration >= self.faults.raise_at:
-            raise RuntimeError(f"injected fault at iteration {self.iteration} (TPSERVE_FAULT_RAISE)")
+        self.hooks.on_step(self.iteration)
         idle = not self.requests and self.prev is None
         items = self.queue.fetch(idle=idle)
         start = time.perf_counter()
@@ -129,11 +124,7 @@ class Executor:
         batch = self.scheduler.schedule()
         for seq in batch.seqs:
             seq.request.stamp("first_scheduled")
-        if self.events or self.checker:
-            seqs = [[s.request.request_id, s.start_pos, s.num_tokens, s.samples] for s in batch.seqs]
-            self._log("schedule", seqs=seqs)
-            if self.checker:
-                self.checker("schedule", self.iteration, seqs)
+        self.hooks.on_schedule(self.iteration, batch.seqs)
         if self.overlap:
             self._step_overlap(batch)
         else:
@@ -163,22 +154,37 @@ class Executor:
         self._flush()
 
     def _step_overlap(self, batch: ScheduledBatch) -> None:
-        """Three orders, by what the host knows of k-1 when iteration k starts:
-        - early, k-1's first tokens already on the host: emit them, then launch forward k;
-        - early, otherwise: launch forward k, then wait for k-1 and emit its first tokens;
-        - not early: launch forward k, then update k-1 (its first tokens leave with the rest, below).
-        Then launch sampling k, publish the rest of k-1, and free what ended (after k's launch: k may
-        still hold a request that k-1 ended)."""
+        """One of three orders, by what the host knows of step k-1 when iteration k starts."""
         prev = self.prev
-        early = self.config.early_first_token
-        emit_before_launch = early and (prev is None or (prev.has_first_tokens and prev.ready()))
-        if emit_before_launch:
-            self._emit_first_tokens(prev)
+        if not self.config.early_first_token:
+            self._launch_then_update(batch, prev)
+        elif prev is None or (prev.has_first_tokens and prev.ready()):
+            self._emit_then_launch(batch, prev)
+        else:
+            self._launch_then_emit(batch, prev)
+
+    def _emit_then_launch(self, batch: ScheduledBatch, prev: InFlight | None) -> None:
+        """k-1's first tokens are already on the host (CPU; a launch-bound GPU): publish them, then launch k,
+        whose launch alone can take a whole step."""
+        self._emit_first_tokens(prev)
+        self._finish_iteration(batch, self._launch_forward(batch, prev) if batch else None, prev)
+
+    def _launch_then_emit(self, batch: ScheduledBatch, prev: InFlight) -> None:
+        """The timeline's order: launch k, then wait for k-1's tokens and publish its first tokens."""
         logits = self._launch_forward(batch, prev) if batch else None
-        if early and not emit_before_launch:
-            self._emit_first_tokens(prev)
-        elif not early and prev is not None:
+        self._emit_first_tokens(prev)
+        self._finish_iteration(batch, logits, prev)
+
+    def _launch_then_update(self, batch: ScheduledBatch, prev: InFlight | None) -> None:
+        """No early emission: launch k, update k-1; its first tokens leave with the rest, at the end."""
+        logits = self._launch_forward(batch, prev) if batch else None
+        if prev is not None:
             self._update(prev)
+        self._finish_iteration(batch, logits, prev)
+
+    def _finish_iteration(self, batch: ScheduledBatch, logits: torch.Tensor | None, prev: InFlight | None) -> None:
+        """Launch sampling k, collect k-1's other responses, free what ended (only now, after k's launches:
+        batch k may still hold a request that k-1 ended) and publish."""
         self.prev = self._launch_sampling(batch, logits) if logits is not None else None
         if prev is not None:
             self._collect(prev)
@@ -276,7 +282,7 @@ class Executor:
         has_first = any(not r.output_token_ids for r in requests)
         for req in requests:
             req.num_pending += 1
-        self._log("sample_launch", rids=[r.request_id for r in requests])
+        self._log("sample_launch", rids=lambda: [r.request_id for r in requests])
         return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)},
                         has_first)
 
@@ -374,21 +380,13 @@ class Executor:
 
     def _publish(self, deltas: list[RequestDelta], point: str) -> None:
         """Every rank calls this at the same points; the first-token publish time is stamped here."""
-        if self.faults.diverge_at is not None and self.iteration >= self.faults.diverge_at:
-            deltas = [*deltas, RequestDelta(-1, [0])]  # test-only fault: this rank diverges
+        deltas = self.hooks.on_publish(self.iteration, point, deltas)
         now = time.time()
-        first = []
         for d in deltas:
             if d.first:
                 d.metrics["first_token_published"] = now
-                first.append(d.request_id)
-        if self.events or self.checker:
-            summary = [[d.request_id, d.token_ids, d.finished, d.finish_reason] for d in deltas]
-            self._log("publish", point=point, deltas=summary, first=first)
-            if self.checker:
-                self.checker(f"{point} publish", self.iteration, summary)
         self.publish(deltas)
 
     def _log(self, event: str, **data: object) -> None:
-        if self.events is not None:
-            self.events(self.iteration, event, **data)
+        """An event for the debug log (values may be callables, evaluated only when the log is on)."""
+        self.hooks.on_event(self.iteration, event, **data)

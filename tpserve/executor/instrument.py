@@ -76,10 +76,72 @@ def _fault_iteration(name: str, rank: int) -> int | None:
     return iteration if fault_rank == rank else None
 
 
-def make_instruments(comm: MPI.Comm) -> tuple[EventLog | None, RankChecker | None, Faults]:
+class Instruments:
+    """The loop's debug hooks in one object. This base class is what runs when every hook is off: each
+    hook returns at once, so the loop pays one call per hook point and builds nothing for it."""
+
+    def on_step(self, iteration: int) -> None:
+        pass
+
+    def on_event(self, iteration: int, event: str, **data: Any) -> None:
+        pass
+
+    def on_schedule(self, iteration: int, seqs: Any) -> None:
+        pass
+
+    def on_publish(self, iteration: int, point: str, deltas: list[Any]) -> list[Any]:
+        return deltas
+
+    def close(self) -> None:
+        pass
+
+
+class Debug(Instruments):
+    """The hooks switched on by the environment: the event log, the cross-rank check, the fault hooks."""
+
+    def __init__(self, events: EventLog | None, checker: RankChecker | None, faults: Faults) -> None:
+        self.events = events
+        self.checker = checker
+        self.faults = faults
+
+    def on_step(self, iteration: int) -> None:
+        if self.faults.raise_at is not None and iteration >= self.faults.raise_at:
+            raise RuntimeError(f"injected fault at iteration {iteration} (TPSERVE_FAULT_RAISE)")
+
+    def on_event(self, iteration: int, event: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events(iteration, event, **{k: v() if callable(v) else v for k, v in data.items()})
+
+    def on_schedule(self, iteration: int, seqs: Any) -> None:
+        summary = [[s.request.request_id, s.start_pos, s.num_tokens, s.samples] for s in seqs]
+        self.on_event(iteration, "schedule", seqs=summary)
+        if self.checker:
+            self.checker("schedule", iteration, summary)
+
+    def on_publish(self, iteration: int, point: str, deltas: list[Any]) -> list[Any]:
+        if self.faults.diverge_at is not None and iteration >= self.faults.diverge_at:
+            from tpserve.executor.request import RequestDelta
+
+            deltas = [*deltas, RequestDelta(-1, [0])]  # test-only fault: this rank diverges
+        summary = [[d.request_id, d.token_ids, d.finished, d.finish_reason] for d in deltas]
+        self.on_event(iteration, "publish", point=point, deltas=summary,
+                      first=[d.request_id for d in deltas if d.first])
+        if self.checker:
+            self.checker(f"{point} publish", iteration, summary)
+        return deltas
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+
+def make_instruments(comm: MPI.Comm) -> Instruments:
+    """``Debug`` when the environment switches any hook on, else the do-nothing ``Instruments``."""
     rank = comm.Get_rank()
     log_dir = os.environ.get("TPSERVE_EVENT_LOG")
     events = EventLog(log_dir, rank) if log_dir else None
     checker = RankChecker(comm) if os.environ.get("TPSERVE_CHECK_RANKS") == "1" and comm.Get_size() > 1 else None
     faults = Faults(_fault_iteration("TPSERVE_FAULT_DIVERGE", rank), _fault_iteration("TPSERVE_FAULT_RAISE", rank))
-    return events, checker, faults
+    if events is None and checker is None and faults == Faults():
+        return Instruments()
+    return Debug(events, checker, faults)

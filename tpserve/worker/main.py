@@ -201,8 +201,7 @@ def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> i
             io.send(wire.Goodbye("shutdown"))
             trace("worker", "proxy_threads_told_to_quit")
             io.close()
-        if executor.events is not None:
-            executor.events.close()
+        executor.hooks.close()
         executor.queue.close()
         _release_cuda_graphs(executor)
         from tpserve.executor.dist import destroy_tensor_parallel
