@@ -79,6 +79,19 @@ def run_mpi_pytest(n: int, target: str, timeout: float = 300) -> None:
     assert result.returncode == 0, f"MPI suite failed on {n} ranks (exit {result.returncode}):\n{result.stdout[-6000:]}"
 
 
+def kill_session(popen: subprocess.Popen, timeout: float = 10) -> None:
+    """kill -9 of a process and every other process of its session (Open MPI 5 gives each rank a process
+    group of its own, so the group of mpirun is not enough), then reaps it."""
+    from tpserve.proxy.launcher import session_pids
+
+    for pid in {popen.pid, *session_pids(popen.pid)}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    popen.wait(timeout)
+
+
 def worker_processes() -> list[psutil.Process]:
     """Every live tpserve worker or mpirun on this machine that this test process started."""
     me = psutil.Process()

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, built_model, hf_greedy
+from helpers import ROOT, built_model, hf_greedy, kill_session
 
 from tpserve import LLM, SamplingParams, WorkerStartupError, wire
-from tpserve.proxy.launcher import mpi_environment, mpirun_path, session_pids
+from tpserve.proxy.launcher import mpi_environment, mpirun_path
 
 
 class Workers:
@@ -44,13 +44,8 @@ class Workers:
         return self.popen.wait(timeout)
 
     def kill(self) -> None:
-        """kill -9 of mpirun and every rank (Open MPI 5 gives each rank a process group of its own)."""
-        for pid in {self.popen.pid, *session_pids(self.popen.pid)}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.popen.wait(10)
+        """kill -9 of mpirun and every rank."""
+        kill_session(self.popen)
 
 
 @pytest.fixture

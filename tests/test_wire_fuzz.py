@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,10 +18,10 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from helpers import ROOT, built_model
+from helpers import ROOT, built_model, kill_session
 
 from tpserve import LLM, EngineBusyError, SamplingParams, wire
-from tpserve.proxy.launcher import mpi_environment, mpirun_path, session_pids
+from tpserve.proxy.launcher import mpi_environment, mpirun_path
 
 HEARTBEAT_TIMEOUT = 2.0  # the engine's; a silent client's session ends after it
 GREEDY = SamplingParams(max_tokens=8, temperature=0).to_dict()
@@ -200,12 +199,8 @@ class Engine:
         assert self.popen.poll() is None, f"the engine died:\n{self.log()[-4000:]}"
 
     def kill(self) -> None:
-        for pid in {self.popen.pid, *session_pids(self.popen.pid)}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.popen.wait(10)
+        """kill -9 of mpirun and every rank."""
+        kill_session(self.popen)
 
 
 @pytest.fixture
