@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 
 from mpi4py import MPI
@@ -19,7 +18,9 @@ from tpserve import wire
 from tpserve.engine_args import EngineArgs
 from tpserve.executor.engine import StartupFailed, build_engine
 from tpserve.executor.engine import stage as _stage
-from tpserve.shutdown_trace import phase_timer, trace
+from tpserve.shutdown_trace import trace
+from tpserve.worker.publisher import Publisher
+from tpserve.worker.teardown import teardown
 
 
 def parse_args(argv: list[str] | None) -> tuple[EngineArgs, argparse.Namespace]:
@@ -83,27 +84,13 @@ def _run(args: EngineArgs, opts: argparse.Namespace, comm: MPI.Comm) -> int:
             )
         io = Rank0IO(conn, bind=attach, heartbeat_timeout=opts.heartbeat_timeout)
 
-    engine: list = []  # the executor, once built: its stats ride along with the publishes
-    last_stats: list = [None, 0.0]
-
-    def publish(deltas) -> None:
-        if io is None:
-            return
-        stats = engine[0].stats() if engine else None
-        now = time.monotonic()
-        key = stats and (stats["running"], stats["waiting"], stats["shutting_down"])
-        if stats is None or (key == last_stats[0] and now - last_stats[1] < 0.25):
-            stats = None
-        else:
-            last_stats[:] = [key, now]
-        if deltas or stats:
-            io.send(wire.Outputs([d.to_dict() for d in deltas], stats))
+    publish = Publisher(io)  # holds the executor once it is built, for its stats and the signal handler
 
     def on_sigterm(signum: int, frame: object) -> None:
         """Only sets things in motion: rank 0 enqueues the sentinel, which every rank then sees."""
         trace("worker", "signal", signum=signum)
-        if rank == 0:
-            engine[0].queue.put(wire.Shutdown(drain=False))
+        if rank == 0 and publish.executor is not None:
+            publish.executor.queue.put(wire.Shutdown(drain=False))
 
     conn_file = opts.connection_file if io is not None else None
 
@@ -121,7 +108,7 @@ def _run(args: EngineArgs, opts: argparse.Namespace, comm: MPI.Comm) -> int:
         executor, info = build_engine(args, comm, publish)
         # READY reports every engine option: as given, unless the engine reports what it made of it
         info = {**{k: v for k, v in dataclasses.asdict(args).items() if k not in ("model", "mpirun_args")}, **info}
-        engine.append(executor)
+        publish.executor = executor
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, on_sigterm)
         if opts.connection_file is not None:  # written once ready, so whoever reads it finds an engine
@@ -143,19 +130,6 @@ def _remove_connection_file(io, path: str | None) -> None:
     """Rank 0 removes its connection file (only if still its own) on every way out it controls."""
     if io is not None and path is not None and io.conn.remove(path):
         trace("worker", "connection_file_removed", path=path)
-
-
-def _release_cuda_graphs(executor) -> None:
-    """Decode graphs captured with NCCL all-reduces inside hold the communicator's work: they are destroyed
-    (after the device is idle) before the process group, or NCCL may tear down under a live graph."""
-    graphs = executor.runner.graphs
-    if graphs is None:  # CPU, eager mode, or no fused kernels: nothing was captured
-        return
-    import torch
-
-    torch.cuda.synchronize(executor.device)
-    graphs.close()
-    trace("worker", "cuda_graphs_destroyed", buckets=len(graphs.buckets))
 
 
 def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> int:
@@ -196,20 +170,7 @@ def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> i
         print(f"tpserve worker {msg}", file=sys.stderr, flush=True)
         trace("worker", "exit", code=1, how="MPI_Abort")
         comm.Abort(1)  # the other ranks are blocked in a collective: end them all
-    with phase_timer("worker", "cleanup"):
-        if io is not None:
-            io.send(wire.Goodbye("shutdown"))
-            trace("worker", "proxy_threads_told_to_quit")
-            io.close()
-        executor.hooks.close()
-        executor.queue.close()
-        _release_cuda_graphs(executor)
-        from tpserve.executor.dist import destroy_tensor_parallel
-
-        destroy_tensor_parallel()
-        trace("worker", "torch_distributed_destroyed")
-        comm.Barrier()  # every rank is through its teardown before MPI goes (mpi4py finalizes at exit)
-        trace("worker", "communicators_destroyed")
+    teardown(executor, io, comm)
     if io is not None and io.exit_watch is not None:
         io.exit_watch.stop()
     return 0
