@@ -246,3 +246,27 @@ def test_paged_attention_reference_equals_a_loop(hq, hkv) -> None:
                                     torch.tensor(seq_lens, dtype=torch.int32), padded, d**-0.5)
     want = loop_attention(q, k_cache, v_cache, qsl, seq_lens, tables, d**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_path_equals_the_module_path(model_dirs: dict[tuple[str, bool], Path], arch: str) -> None:
+    """The GPU path's wiring (residual adds fused into the next norm, q/k norm + RoPE + KV store in one call,
+    the final norm on the sampled rows only), run here on the kernels' torch references, gives the module
+    path's logits: a mixed step of decodes beside a prompt chunk over a cached prefix."""
+    from tpserve.kernels import build_cos_sin_cache
+    from tpserve.model import KVCache
+
+    model, config = load_model(model_dirs[(arch, False)], TPContext(), "cpu", torch.float32)
+    tables = [[1, 2], [3], [4, 5, 6, 7]]
+    prefill = ([0, 0, 0], [5, 3, 9])  # each sequence's first tokens
+    step = ([5, 3, 9], [1, 1, 4])  # then two decodes and a 4-token chunk over 9 cached tokens
+    logits = []
+    for fused in (False, True):
+        model.cos_sin = build_cos_sin_cache(model.rotary.inv_freq, 64) if fused else None
+        kv = KVCache(config, 1, 8, 4, "cpu", torch.float32)
+        for starts, lens in (prefill, step):
+            ids = [(7 * i + 3) % config.vocab_size for i in range(sum(lens))]
+            meta, positions = AttentionMetadata.build(tables, starts, lens, 4, "cpu", input_ids=ids)
+            out = model(meta.input_ids, positions, meta, kv)
+        logits.append(out)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -106,19 +106,17 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.attn = Attention(layer, config.head_dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv: KVCache,
-    ) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D]: views of the fused projection's output."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache
+    ) -> torch.Tensor:
+        q, k, v = self._qkv(x)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -127,11 +125,7 @@ class LlamaAttention(nn.Module):
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                       meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         """The GPU path: q/k norm, RoPE and the KV store in one kernel, then paged attention (Triton)."""
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self._qkv(x)
         layer = self.attn.layer
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         q_norm = self.q_norm.weight if self.q_norm is not None else None
@@ -165,14 +159,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-        meta: AttentionMetadata,
-        kv: KVCache,
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, meta, kv)
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -225,7 +214,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, positions, meta, kv)
+            x = layer(x, rope, meta, kv)
         x = self.model.norm(x[meta.last_token_index])
         return self.lm_head(x).float()
 
@@ -241,10 +230,8 @@ class LlamaForCausalLM(nn.Module):
             attn = layer.self_attn.forward_fused(h, positions, self.cos_sin, meta, kv)
             h, residual = kernels.add_rmsnorm(attn, residual, layer.post_attention_layernorm.weight, eps)
             mlp = layer.mlp.down_proj(kernels.silu_and_mul(layer.mlp.gate_up_proj(h)))
-            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             if i + 1 < len(layers):
-                h, residual = kernels.add_rmsnorm(mlp, residual, norm.weight, eps)
-            else:
-                last = meta.last_token_index
-                h, _ = kernels.add_rmsnorm(mlp[last], residual[last], norm.weight, eps)
+                h, residual = kernels.add_rmsnorm(mlp, residual, layers[i + 1].input_layernorm.weight, eps)
+        last = meta.last_token_index  # the final add and norm only for the rows the LM head reads
+        h, _ = kernels.add_rmsnorm(mlp[last], residual[last], self.model.norm.weight, eps)
         return self.lm_head(h).float()
