@@ -14,6 +14,7 @@ from tpserve import wire
 
 DOORBELL_FALLBACK_MS = 50  # an idle rank re-checks the broadcast this often even if a doorbell is lost
 DOORBELL_SETUP_S = 5.0
+RING_SPIN_S = 0.002  # after a ring, busy-test this long before sleeping again (the ring may be stale)
 
 
 class RequestQueue:
@@ -93,6 +94,18 @@ class RequestQueue:
             except queue.Empty:
                 return items
 
+    def _sleep_until(self, req: MPI.Request) -> None:
+        """Sleeps on the doorbell until ``req`` completes. A ring is followed by the broadcast within
+        microseconds, so spin briefly after one; but a ring can also be stale (its broadcast completed
+        before it was polled), so never spin for long: go back to sleep."""
+        while not req.Test():
+            if self._bell.poll(DOORBELL_FALLBACK_MS):
+                self._drain_bell()
+                spin_until = time.perf_counter() + RING_SPIN_S
+                while time.perf_counter() < spin_until:
+                    if req.Test():
+                        return
+
     def fetch(self, idle: bool) -> list[wire.Message]:
         """Collective: returns the new items on every rank. ``idle`` (the same on every rank) makes rank 0
         block for the next item and the others sleep until it rings."""
@@ -106,11 +119,7 @@ class RequestQueue:
                 self._bell.send(b"")
                 req.Wait()
             else:
-                while not req.Test():
-                    if self._bell.poll(DOORBELL_FALLBACK_MS):
-                        self._drain_bell()
-                        req.Wait()  # rank 0 rang right before broadcasting: microseconds away
-                        break
+                self._sleep_until(req)
         elif multi:
             self.comm.Bcast(self._length, root=0)
         n = int(self._length[0])
