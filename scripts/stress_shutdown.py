@@ -1,6 +1,6 @@
 """Repeats the kill scenarios of the shutdown issue and reports trials, p50/max times and orphans.
 
-    python scripts/stress_shutdown.py [--trials 20] [--tp 2] [--doc docs/reliability.md]
+    python scripts/stress_shutdown.py [--trials 20] [--tp 2] [--only proxy] [--doc docs/reliability.md]
 
 Scenarios (each a fresh engine on a tiny random Llama, real processes really killed):
 - kill -9 of rank 0 / of the last rank while requests stream: time until every pending request has
@@ -111,6 +111,7 @@ def main() -> int:
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--model", default=None, help="default: a tiny random Llama")
     p.add_argument("--doc", default="docs/reliability.md")
+    p.add_argument("--only", default="", help="run only the scenarios whose name contains this")
     args = p.parse_args()
     model = args.model
     if model is None:
@@ -127,29 +128,36 @@ def main() -> int:
         "kill -9 proxy": lambda: kill_proxy(model, args.tp),
         "shutdown, 16 streams in flight": lambda: shutdown_in_flight(model, args.tp),
     }
-    rows = []
+    rows = {}
     for name, fn in scenarios.items():
+        if args.only and args.only not in name:
+            continue
         trials = []
         for i in range(args.trials):
             trials.append(fn())
             print(name, i, trials[-1], flush=True)
-        rows.append(summarize(name, trials))
-    command = "python scripts/stress_shutdown.py " + " ".join(sys.argv[1:])
-    table = "\n".join(["| scenario | trials | ok | times in s, p50 / max | orphans |", "|---|---|---|---|---|", *rows])
-    print(table)
-    doc = Path(args.doc)
-    doc.write_text(
-        "# Reliability\n\n"
-        "Shutdown and death detection, repeated with real processes really killed (CPU, 2 cores, gloo, "
-        f"TP {args.tp}, a tiny random Llama). Command: `{command}`.\n\n"
-        "- detect_s: from kill -9 of a rank until every pending request has failed with EngineDeadError;\n"
-        "- shutdown_s: how long `shutdown()` took afterwards (or with streams in flight);\n"
-        "- workers_gone_s: from kill -9 of the proxy until no process of the launch is left "
-        "(rank 0 notices the missing heartbeats after 5 s and sends the sentinel to every rank);\n"
-        "- ok: every request ended as it should (failed on death, aborted on shutdown) within the bound;\n"
-        "- orphans: processes of the launch's session still alive 10 s after the trial.\n\n"
-        f"{table}\n", encoding="utf-8")
+        rows[name] = summarize(name, trials)
+    for row in rows.values():
+        print(row)
+    update_doc(Path(args.doc), rows, "python scripts/stress_shutdown.py " + " ".join(sys.argv[1:]), args.tp)
     return 0
+
+
+def update_doc(doc: Path, rows: dict[str, str], command: str, tp: int) -> None:
+    """Replaces the rows of the scenarios run in the doc's table (the rest of the doc stays as it is)."""
+    text = doc.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for name, row in rows.items():
+        at = next((i for i, line in enumerate(lines) if line.startswith(f"| {name} |")), None)
+        if at is None:  # a new scenario: after the table's last row
+            at = max(i for i, line in enumerate(lines) if line.startswith("| kill -9") or line.startswith("|---|"))
+            lines.insert(at + 1, row)
+        else:
+            lines[at] = row
+    header = next(i for i, line in enumerate(lines) if line.startswith("Shutdown and death detection"))
+    lines[header] = (f"Shutdown and death detection, repeated with real processes really killed (CPU, 2 cores, gloo, "
+                     f"TP {tp}, a tiny random Llama). Last command: `{command}`.")
+    doc.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

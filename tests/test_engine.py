@@ -28,6 +28,14 @@ def prompt(i: int, n: int) -> list[int]:
     return [(i * 7919 + j * 104729) % 49000 + 5 for j in range(n)]
 
 
+def test_startup_says_where_its_time_went(llm):
+    stages = llm.info["startup_stages_s"]
+    assert {"load_model", "size_kv_cache", "allocate_kv_cache"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
+    # rank 0's own time (imports included) covers its stages and fits inside the proxy's wall time
+    assert sum(stages.values()) <= llm.info["startup_s"] <= llm.startup_s + 0.5
+
+
 def test_continuous_batching_matches_requests_alone(llm):
     prompts = [prompt(i, n) for i, n in enumerate([5, 30, 2, 17, 9, 44])]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]

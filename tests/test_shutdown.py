@@ -122,7 +122,8 @@ PROXY_SCRIPT = textwrap.dedent("""
 
 
 def test_workers_exit_when_the_proxy_is_killed(tmp_path):
-    proxy = subprocess.Popen([sys.executable, "-c", PROXY_SCRIPT, str(built_model("llama"))], cwd=ROOT,
+    env = dict(os.environ, TPSERVE_SHUTDOWN_TRACE_DIR=str(tmp_path))
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY_SCRIPT, str(built_model("llama"))], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         sid = json.loads(proxy.stdout.readline())["mpirun"]
@@ -135,6 +136,8 @@ def test_workers_exit_when_the_proxy_is_killed(tmp_path):
     finally:
         if proxy.poll() is None:
             proxy.kill()
+    # Rank 0 saw the proxy exit through its pidfd, not after the proxy's heartbeats fell silent.
+    assert_in_order(phases_by_process(tmp_path)[0], ["worker/owner_exited", "worker/proxy_lost"], "rank 0")
 
 
 EXPECTED_PHASES = {

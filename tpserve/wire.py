@@ -423,6 +423,7 @@ class SeqCheck:
 ENV_KEY = "TPSERVE_HMAC_KEY"
 ENV_REQUEST_ADDR = "TPSERVE_REQUEST_ADDR"
 ENV_RESPONSE_ADDR = "TPSERVE_RESPONSE_ADDR"
+ENV_OWNER = "TPSERVE_OWNER"  # "pid:start time" of the proxy that spawned the engine (not in attach mode)
 
 
 @dataclass

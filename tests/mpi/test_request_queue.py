@@ -5,6 +5,7 @@ Run with: mpiexec -n 2 python -m mpi4py -m pytest --with-mpi -p no:cacheprovider
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 from mpi4py import MPI
@@ -43,4 +44,51 @@ def test_stale_ring_does_not_make_an_idle_rank_spin():
         assert [i.request_id for i in q.fetch(idle=True)] == [9]
     finally:
         comm.Barrier()
+        q.close()
+
+
+class CountingComm:
+    """The world communicator, counting the collectives that the queue calls on it."""
+
+    COLLECTIVES = ("Bcast", "Ibcast", "bcast", "allgather", "Ibarrier", "Barrier")
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.calls = Counter()
+
+    def __getattr__(self, name):
+        attr = getattr(self.comm, name)
+        if name not in self.COLLECTIVES:
+            return attr
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.mpi(min_size=2)
+def test_one_broadcast_per_iteration_unless_the_items_are_large():
+    comm = CountingComm(MPI.COMM_WORLD)
+    q = RequestQueue(comm)
+    try:
+        rank0 = comm.comm.Get_rank() == 0
+        prompts = {"small": list(range(50)), "large": list(range(5000))}  # the large one does not fit inline
+        for name, expected in (("nothing", 1), ("small", 1), ("large", 2)):
+            comm.calls.clear()
+            if rank0 and name != "nothing":
+                q.put(wire.Submit(request_id=3, prompt_token_ids=prompts[name], params={}))
+            items = q.fetch(idle=False)
+            assert sum(comm.calls.values()) == expected, (name, comm.calls)
+            if name == "nothing":
+                assert items == []
+            else:
+                assert len(items) == 1 and items[0].prompt_token_ids == prompts[name]
+        comm.calls.clear()
+        if rank0:
+            threading.Timer(0.1, q.put, args=(wire.Abort(request_id=4),)).start()
+        assert [i.request_id for i in q.fetch(idle=True)] == [4]
+        assert sum(comm.calls.values()) == 1, comm.calls
+    finally:
+        comm.comm.Barrier()
         q.close()

@@ -25,18 +25,31 @@ class StartupFailed(Exception):
         self.rank = rank
 
 
-def stage(comm: MPI.Comm, name: str, fn: Callable[[], Any]) -> Any:
-    """Runs one start-up stage on every rank; if any rank failed, every rank raises the first error."""
+def stage(comm: MPI.Comm, name: str, fn: Callable[[], Any], timings: dict[str, float] | None = None) -> Any:
+    """Runs one start-up stage on every rank; if any rank failed, every rank raises the first error.
+    ``timings`` gets the stage's seconds on this rank (the wait for the slowest rank included), so a slow
+    start-up says where it went."""
     result, err = None, None
+    start = time.perf_counter()
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 - reported to the proxy with its traceback
         err = (f"{type(e).__name__}: {e}", traceback.format_exc())
     errors = comm.allgather(err)
+    if timings is not None:
+        timings[name] = round(time.perf_counter() - start, 3)
     for rank, e in enumerate(errors):
         if e is not None:
             raise StartupFailed(f"rank {rank} failed at {name}: {e[0]}", e[1], rank)
     return result
+
+
+def process_age() -> float:
+    """Seconds since this process started (start-up counts the imports too). From /proc, in the clock
+    that the kernel stamps process starts with: wall-clock start times drift by up to a second."""
+    with open("/proc/self/stat") as f:
+        started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def default_max_num_tokens(device_type: str) -> int:
@@ -113,6 +126,11 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     from tpserve.model.default_model import default_model_path
 
     rank, size = comm.Get_rank(), comm.Get_size()
+    timings: dict[str, float] = {}
+
+    def timed_stage(name: str, fn: Callable[[], Any]) -> Any:
+        return stage(comm, name, fn, timings)
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     def resolve() -> str | None:
@@ -120,21 +138,21 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
             return str(args.model)
         return str(default_model_path()) if rank == 0 else None
 
-    model_dir = comm.bcast(stage(comm, "resolve_model", resolve), root=0)
-    config = stage(comm, "read_config", lambda: ModelConfig.from_dir(model_dir))
-    stage(comm, "check_tp", lambda: config.check_tp(size))
-    device = stage(comm, "pick_device", lambda: pick_device(args.device))
-    dtype = stage(comm, "pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
+    model_dir = comm.bcast(timed_stage("resolve_model", resolve), root=0)
+    config = timed_stage("read_config", lambda: ModelConfig.from_dir(model_dir))
+    timed_stage("check_tp", lambda: config.check_tp(size))
+    device = timed_stage("pick_device", lambda: pick_device(args.device))
+    dtype = timed_stage("pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
     max_seq_len = args.max_seq_len or config.max_position_embeddings
     max_num_tokens = args.max_num_tokens or default_max_num_tokens(device.type)
-    stage(comm, "init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
+    timed_stage("init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
     tp = TPContext(rank, size)
-    model, _ = stage(comm, "load_model", lambda: load_model(model_dir, tp, device, dtype))
-    fused = stage(comm, "load_kernels", lambda: model.use_fused_kernels(max_seq_len))
-    mine = stage(comm, "size_kv_cache",
-                 lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len, max_num_tokens))
+    model, _ = timed_stage("load_model", lambda: load_model(model_dir, tp, device, dtype))
+    fused = timed_stage("load_kernels", lambda: model.use_fused_kernels(max_seq_len))
+    mine = timed_stage("size_kv_cache",
+                       lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len, max_num_tokens))
     num_blocks = comm.allreduce(mine, op=MPI.MIN)  # every rank's BlockManager must be the same
-    kv = stage(comm, "allocate_kv_cache", lambda: KVCache(config, size, num_blocks, args.block_size, device, dtype))
+    kv = timed_stage("allocate_kv_cache", lambda: KVCache(config, size, num_blocks, args.block_size, device, dtype))
     capacity = (num_blocks - 1) * args.block_size
     if capacity < max_seq_len and rank == 0:
         print(f"tpserve: warning: the KV cache pool holds {capacity} tokens, fewer than max_seq_len={max_seq_len}: "
@@ -145,7 +163,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     if fused and not args.enforce_eager:
         start = time.perf_counter()
         graphs = DecodeGraphs(model, kv, blocks, args.max_batch_size, max_seq_len, device)
-        stage(comm, "capture_cuda_graphs", graphs.capture)
+        timed_stage("capture_cuda_graphs", graphs.capture)
         capture_s = time.perf_counter() - start
     ex_config = ExecutorConfig(
         vocab_size=config.vocab_size,
@@ -187,5 +205,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         "enable_overlap": args.enable_overlap,
         "early_first_token": args.early_first_token and args.enable_overlap,
         "pid": os.getpid(),
+        "startup_stages_s": timings,
+        "startup_s": round(process_age(), 3),
     }
     return executor, info

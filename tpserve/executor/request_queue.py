@@ -14,6 +14,7 @@ from tpserve import wire
 
 DOORBELL_FALLBACK_MS = 50  # an idle rank re-checks the broadcast this often even if a doorbell is lost
 DOORBELL_SETUP_S = 5.0
+INLINE_BYTES = 4088  # payload bytes that ride in the one broadcast of an iteration (a 4 KiB header)
 RING_SPIN_S = 0.002  # after a ring, busy-test this long before sleeping again (the ring may be stale)
 
 
@@ -29,7 +30,7 @@ class RequestQueue:
         self.comm = comm
         self.rank = comm.Get_rank()
         self._queue: queue.Queue[wire.Message] = queue.Queue()
-        self._length = np.zeros(1, dtype=np.int64)
+        self._header = np.zeros(8 + INLINE_BYTES, dtype=np.uint8)  # payload length, then the payload's head
         self._ctx: zmq.Context | None = None
         self._bell: zmq.Socket | None = None
         if comm.Get_size() > 1:
@@ -108,22 +109,37 @@ class RequestQueue:
 
     def fetch(self, idle: bool) -> list[wire.Message]:
         """Collective: returns the new items on every rank. ``idle`` (the same on every rank) makes rank 0
-        block for the next item and the others sleep until it rings."""
+        block for the next item and the others sleep until it rings.
+
+        One broadcast per iteration: a fixed-size header carries the payload's length and, when it fits,
+        the payload itself (a steady decode step brings nothing new, most arrivals are small); only a
+        larger payload costs a second broadcast of the rest."""
         multi = self.comm.Get_size() > 1
+        header = self._header
         if self.rank == 0:
             payload = wire.pack_items(self._drain(block=idle))
-            self._length[0] = len(payload)
-        if idle and multi:  # every rank posts the non-blocking form: the two forms never match each other
-            req = self.comm.Ibcast(self._length, root=0)
+            if not multi:
+                return wire.unpack_items(payload)
+            inline = min(len(payload), INLINE_BYTES)
+            header[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
+            header[8:8 + inline] = np.frombuffer(payload, dtype=np.uint8, count=inline)
+        if idle:  # every rank posts the non-blocking form: the two forms never match each other
+            req = self.comm.Ibcast(header, root=0)
             if self.rank == 0:
                 self._bell.send(b"")
                 req.Wait()
             else:
                 self._sleep_until(req)
-        elif multi:
-            self.comm.Bcast(self._length, root=0)
-        n = int(self._length[0])
-        buf = bytearray(payload) if self.rank == 0 else bytearray(n)
-        if multi:
-            self.comm.Bcast([buf, MPI.BYTE], root=0)
-        return wire.unpack_items(bytes(buf))
+        else:
+            self.comm.Bcast(header, root=0)
+        n = int.from_bytes(header[:8].tobytes(), "little")
+        if self.rank == 0:
+            if n > INLINE_BYTES:
+                self.comm.Bcast([bytearray(payload[INLINE_BYTES:]), MPI.BYTE], root=0)
+            return wire.unpack_items(payload)
+        head = header[8:8 + min(n, INLINE_BYTES)].tobytes()
+        if n <= INLINE_BYTES:
+            return wire.unpack_items(head)
+        rest = bytearray(n - INLINE_BYTES)
+        self.comm.Bcast([rest, MPI.BYTE], root=0)
+        return wire.unpack_items(head + bytes(rest))

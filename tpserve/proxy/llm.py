@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from tpserve import wire
@@ -41,6 +42,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, connect: str | None = None, startup_timeout: float = 300.0,
                  **engine_options: Any) -> None:
+        started = time.perf_counter()
         engine = EngineArgs.from_kwargs({"model": model, **engine_options}, "LLM()")
         if engine.model is not None and os.path.exists(engine.model):
             engine.model = os.path.abspath(engine.model)  # the workers may not share this working directory
@@ -62,6 +64,7 @@ class LLM:
             env[wire.ENV_KEY] = key.hex()  # never argv: other users can read a process's arguments
             env[wire.ENV_REQUEST_ADDR] = self.client.conn.request_addr
             env[wire.ENV_RESPONSE_ADDR] = self.client.conn.response_addr
+            env[wire.ENV_OWNER] = f"{os.getpid()}:{psutil.Process().create_time()!r}"
             self.workers = WorkerProcess(engine.tensor_parallel_size, engine.to_cli_args(), env,
                                          list(engine.mpirun_args))
             self.client.workers = self.workers
@@ -83,6 +86,7 @@ class LLM:
             self._teardown(sentinel=False)
             raise
         self.client.start_dispatcher()
+        self.startup_s = round(time.perf_counter() - started, 3)  # to READY: launch, load, kernels, graphs
         self.tokenizer: Tokenizer | None = None
         tok_dir = self.info.get("model_dir", "")
         if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):

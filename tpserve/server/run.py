@@ -57,6 +57,9 @@ def serve_main(args: argparse.Namespace) -> int:
     except (WorkerStartupError, ValueError) as e:  # ValueError: an engine option out of range
         print(f"error: the engine did not start: {e}", file=sys.stderr)
         return 1
+    stages = ", ".join(f"{k} {v:g}" for k, v in llm.info.get("startup_stages_s", {}).items() if v >= 0.1)
+    print(f"tpserve: engine ready in {llm.startup_s:g} s ({stages or 'no stage over 0.1 s'})", file=sys.stderr,
+          flush=True)
     try:
         app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")))
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

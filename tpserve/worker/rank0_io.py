@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import zmq
 
 from tpserve import wire
@@ -26,6 +27,27 @@ POLL_MS = 100
 SEND_SLICE_MS = 100  # the sender re-checks its session and bound this often while a frame waits
 SEND_BOUND_S = float(os.environ.get("TPSERVE_SEND_TIMEOUT", "30"))  # the most a frame waits for the proxy
 STARTUP_ERROR_WAIT_S = 2.0  # a start-up error waits this long for a proxy's Hello to answer
+
+
+def owner_pidfd() -> int | None:
+    """A pidfd of the proxy that spawned this engine, when it runs on this host: it turns readable the
+    moment that proxy exits, kill -9 included, so the engine ends at once instead of after the heartbeat
+    bound. None in attach mode, on another host, or where pidfds are missing: the heartbeats still tell."""
+    spec = os.environ.get(wire.ENV_OWNER)
+    if not spec or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        pid, started = spec.split(":")
+        fd = os.pidfd_open(int(pid))
+    except (ValueError, OSError):
+        return None
+    try:  # the fd pins one process: check it is the proxy, not another host's pid or a reused one
+        if abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.05:
+            return fd
+    except (ValueError, psutil.Error):
+        pass
+    os.close(fd)
+    return None
 
 
 @dataclass
@@ -64,6 +86,11 @@ class Rank0IO:
         self.stop_sending = threading.Event()
         self.proxy_lost = False
         self.exit_watch: Watchdog | None = None
+        self.poller = zmq.Poller()
+        self.poller.register(self.inp, zmq.POLLIN)
+        self.owner = None if bind else owner_pidfd()
+        if self.owner is not None:
+            self.poller.register(self.owner, zmq.POLLIN)
         self.counts = dict.fromkeys(("old_frames", "gaps", "rejected", "error_replies", "foreign", "refused",
                                      "unsent"), 0)
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
@@ -108,7 +135,10 @@ class Rank0IO:
             if s is not None and time.monotonic() >= next_heartbeat:  # so the proxy can tell silence from death
                 self.outbox.put((s.nonce, wire.Heartbeat(time.time())))
                 next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
-            if self.inp.poll(POLL_MS):
+            ready = dict(self.poller.poll(POLL_MS))
+            if self.owner is not None and self.owner in ready:
+                self._owner_exited()
+            if self.inp in ready:
                 frames = self.inp.recv_multipart()
                 try:
                     self._on_frames(frames)
@@ -117,6 +147,16 @@ class Rank0IO:
                     trace("worker", "intake_error", error=f"{type(e).__name__}: {e}")
             if s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
                 self._session_silent(s)
+
+    def _owner_exited(self) -> None:
+        """The spawning proxy is gone (its pidfd turned readable): end as on its silence, without the wait."""
+        self.poller.unregister(self.owner)
+        os.close(self.owner)
+        self.owner = None
+        s = self.session
+        trace("worker", "owner_exited", session=s is not None)
+        if s is not None and not self.ending:
+            self._session_silent(s)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         frame = self.codec.decode(frames)
@@ -297,6 +337,9 @@ class Rank0IO:
         self.stop_sending.set()
         self._sender.join(2 * SEND_SLICE_MS / 1000)
         self._intake.join(timeout)
+        if self.owner is not None and not self._intake.is_alive():
+            os.close(self.owner)
+            self.owner = None
         self.inp.close(linger=0)
         # A live proxy takes what is queued at once; a lost one never will, so do not wait for it.
         self.out.close(linger=0 if self.session is None or self._sender.is_alive() else 1000)
