@@ -37,7 +37,7 @@ class MetadataOnlyRunner:
 
     def forward(self, batch: ScheduledBatch, prev_tokens=None, prev_rows=None) -> torch.Tensor:
         AttentionMetadata.build(
-            [self.blocks.block_table(s.request.request_id) for s in batch.seqs],
+            [self.blocks.table_view(s.request.request_id) for s in batch.seqs],
             [s.start_pos for s in batch.seqs], [s.num_tokens for s in batch.seqs], self.blocks.block_size,
             "cpu", input_ids=[0] * sum(s.num_tokens for s in batch.seqs))
         logits = torch.zeros(len(batch), VOCAB)

@@ -116,7 +116,9 @@ class BlockManager:
         """Extends the table to cover num_tokens token slots, all or nothing: free blocks first, then the
         least recently used evictable ones. False, and no change, if there are not enough."""
         table = self._seqs[seq_id].table
-        need = self.blocks_needed(num_tokens) - len(table)
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need <= 0:
+            return True  # the common case: a decode within its last block
         if need > self.num_free_blocks:
             return False
         for _ in range(need):
@@ -179,6 +181,10 @@ class BlockManager:
     def block_table(self, seq_id: int) -> list[int]:
         """A copy of seq_id's block table."""
         return list(self._seqs[seq_id].table)
+
+    def table_view(self, seq_id: int) -> list[int]:
+        """seq_id's block table itself, for the readers of every step (no copy): never modify it."""
+        return self._seqs[seq_id].table
 
     def slot(self, seq_id: int, position: int) -> int:
         """Index of token `position`'s KV in the flattened [num_blocks * block_size] pool."""

@@ -111,7 +111,7 @@ class DecodeGraphs:
         tables = buf[self.tables_at : self.tables_at + b * self.width].reshape(b, self.width)
         tables[:] = 0
         for i, seq in enumerate(batch.seqs):
-            table = self.blocks.block_table(seq.request.request_id)
+            table = self.blocks.table_view(seq.request.request_id)
             tables[i, : len(table)] = table
         r = self.regions
         buf[r["ids"]][:rows] = ids

@@ -49,7 +49,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch, ids, from_device, prev_tokens)
         meta, positions = AttentionMetadata.build(
-            [self.blocks.block_table(s.request.request_id) for s in batch.seqs],
+            [self.blocks.table_view(s.request.request_id) for s in batch.seqs],
             [s.start_pos for s in batch.seqs],
             [s.num_tokens for s in batch.seqs],
             self.blocks.block_size,

@@ -11,7 +11,7 @@ import torch
 from tpserve.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestDelta:
     """One publish for one request: the new tokens since its last publish, and its end if it ended."""
 
@@ -64,4 +64,5 @@ class Request:
 
     def stamp(self, name: str) -> None:
         """Records the first time of a metric (rank 0's wall clock; other ranks record theirs)."""
-        self.metrics.setdefault(name, time.time())
+        if name not in self.metrics:
+            self.metrics[name] = time.time()

@@ -11,7 +11,7 @@ from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     request: Request
     start_pos: int
@@ -49,10 +49,21 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         self.budget = self.max_num_tokens
         self.seqs: list[ScheduledSeq] = []
-        for req in [r for r in self.running if r.num_tokens - r.num_computed == 1]:
+        decodes, chunks = [], []
+        for r in self.running:
+            left = r.num_tokens - r.num_computed
+            if left == 1:
+                decodes.append(r)
+            elif left > 1:
+                chunks.append(r)
+        grow = self.blocks.grow
+        for req in decodes:
             if self.budget > 0 and req in self.running and not self._done_soon(req):
-                self._run(req, 1)
-        for req in [r for r in self.running if r.num_tokens - r.num_computed > 1]:
+                if grow(req.request_id, req.num_computed + 1):
+                    self._take(req, 1)  # the common case: room in its blocks, or a free one
+                else:
+                    self._run(req, 1)
+        for req in chunks:  # a request preempted above is no longer running: skipped
             if self.budget > 0 and req in self.running:
                 self._run(req, req.num_tokens - req.num_computed)
         while self.waiting and self.budget > 0 and len(self.running) < self.max_batch_size:
@@ -99,7 +110,7 @@ class Scheduler:
         n = min(want, self.budget)
         if self.blocks.grow(req.request_id, req.num_computed + n):
             return n
-        table = len(self.blocks.block_table(req.request_id))
+        table = len(self.blocks.table_view(req.request_id))
         room = (table + self.blocks.num_free_blocks) * self.blocks.block_size - req.num_computed
         n = min(n, room)
         return n if n > 0 and self.blocks.grow(req.request_id, req.num_computed + n) else 0
@@ -115,6 +126,8 @@ class Scheduler:
 
     def _cache(self, req: Request) -> None:
         """Offers the request's newly filled blocks whose tokens are all known to the prefix cache."""
+        if req.num_computed // self.blocks.block_size <= req.num_cached_blocks:
+            return  # no block filled since the last offer (most steps)
         known = min(req.num_computed, len(req.prompt_token_ids) + len(req.output_token_ids))
         if known // self.blocks.block_size > req.num_cached_blocks:
             self.blocks.cache_blocks(req.request_id, req.prompt_token_ids + req.output_token_ids, known)
