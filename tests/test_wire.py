@@ -336,3 +336,52 @@ def test_the_dispatch_thread_cannot_die_silently(session):
     assert out.finish_reason == "error" and "dispatch thread failed: KeyError" in out.error
     client._dispatcher.join(5)
     assert not client._dispatcher.is_alive()
+
+
+# -- rank 0's side: the real Rank0IO against the real proxy client ----------------------------------------
+
+
+def test_rank0_frames_stay_in_order_when_the_proxy_stalls():
+    """The loop thread sends a publish at once when nothing is queued, else queues it behind the sender
+    thread's bounded wait: while the proxy reads nothing, frames queue; once it reads, every delta arrives
+    once, in order, without a gap in the sequence (a gap would mark the engine dead)."""
+    from tpserve.worker.rank0_io import Rank0IO
+
+    client = EngineClient(wire.ConnectionInfo("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", wire.new_key()),
+                          bind=True, workers=None)
+    io = Rank0IO(client.conn, bind=False, heartbeat_timeout=60)
+    try:
+        io.send(wire.Ready({"x": 1}))
+        assert client.handshake(10) == {"x": 1}
+        rs = RequestStream(RequestOutput(1, None, [1]), None, lambda _: None)
+        client.streams[1] = rs
+
+        def publish(i: int, finished: bool = False) -> None:  # 5,000 ids a frame: the buffers fill fast
+            io.send(wire.Outputs([{"request_id": 1, "token_ids": [i] + [0] * 4999, "finished": finished,
+                                   "finish_reason": "length" if finished else None, "error": None,
+                                   "metrics": {}, "num_cached_tokens": None}]))
+            time.sleep(0.0005)  # a loop step apart
+
+        n, backlog_at = 0, None
+        deadline = time.monotonic() + 30
+        while backlog_at is None or n < backlog_at + 50:  # the proxy reads nothing: its buffers fill up
+            publish(n)
+            n += 1
+            if backlog_at is None and io.queued >= 20:
+                backlog_at = n
+            assert time.monotonic() < deadline, "the proxy's buffers never filled"
+        at_once = io.counts["sent_at_once"]
+        client.start_dispatcher()  # it reads again: the sender drains its queue, then direct sends resume
+        during_drain = 0
+        for _ in range(200):  # publishes go on while the queue drains: none may overtake a queued one
+            during_drain += io.queued > 0
+            publish(n)
+            n += 1
+        wait_for(lambda: io.queued == 0, 30)
+        publish(n, finished=True)
+        firsts = [chunk.token_ids[0] for chunk in rs]
+        assert firsts == list(range(n + 1)) and client.dead is None
+        assert at_once > 0 and during_drain > 0 and io.counts["sent_at_once"] > at_once  # both ways, both times
+    finally:
+        io.close(timeout=2)
+        client.close()

@@ -51,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     """Runs this rank. Every way out that a process can still take traces ``worker exit`` (a return, an
     exception, a signal before the loop, the abort after a loop failure), so a trace's verdict is true."""
     args, opts = parse_args(argv)
-    # The socket threads beside the busy loop need the GIL to send: at the default 5 ms switch interval
-    # a response waits up to 5 ms behind the loop's Python work, most of a CPU step's TTFT.
-    sys.setswitchinterval(0.0005)
+    # The intake thread beside the busy loop needs the GIL to take a request in (responses leave from the
+    # loop thread itself, see Rank0IO.send): at the default 5 ms switch interval a new request would wait
+    # up to 5 ms behind the loop's Python work. The loop rarely has a rival, so a short interval is cheap.
+    sys.setswitchinterval(0.0001)
     comm = MPI.COMM_WORLD
     os.environ.setdefault("TPSERVE_RANK", str(comm.Get_rank()))
     for signum in (signal.SIGTERM, signal.SIGINT):

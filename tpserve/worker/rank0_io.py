@@ -1,5 +1,6 @@
 """Rank 0's two socket threads beside the executor loop: intake (ZMQ -> request queue) and sender
-(responses -> ZMQ). Each socket belongs to one thread, as ZeroMQ requires.
+(responses -> ZMQ; the loop thread sends small responses itself, see ``Rank0IO.send``). One thread at a
+time uses a socket, under a lock, as ZeroMQ requires.
 
 The intake is the engine's border: every frame is checked (tag, envelope, session, sequence number,
 every field of its kind) before anything reaches the queue that rank 0 broadcasts to every rank, so no
@@ -27,6 +28,7 @@ POLL_MS = 100
 SEND_SLICE_MS = 100  # the sender re-checks its session and bound this often while a frame waits
 SEND_BOUND_S = float(os.environ.get("TPSERVE_SEND_TIMEOUT", "30"))  # the most a frame waits for the proxy
 STARTUP_ERROR_WAIT_S = 2.0  # a start-up error waits this long for a proxy's Hello to answer
+DIRECT_MAX_DELTAS = 8  # an Outputs frame with more deltas is encoded and sent by the sender thread
 
 
 def owner_pidfd() -> int | None:
@@ -73,6 +75,11 @@ class Rank0IO:
         self.heartbeat_timeout = heartbeat_timeout
         self.send_bound = send_bound
         self.outbox: queue.Queue[tuple[bytes | None, wire.Message] | None] = queue.Queue()
+        # Frames leave in the order they are given: the loop thread sends at once only when nothing is
+        # queued before its frame (``queued``, under ``order_lock``); one thread at a time uses the socket.
+        self.order_lock = threading.Lock()
+        self.socket_lock = threading.Lock()
+        self.queued = 0
         self.lock = threading.Lock()  # guards the session and ``open_ids`` between the two threads
         self.session: Session | None = None
         self.ended: set[bytes] = set()  # nonces of sessions that are over: never opened again (replays)
@@ -92,7 +99,7 @@ class Rank0IO:
         if self.owner is not None:
             self.poller.register(self.owner, zmq.POLLIN)
         self.counts = dict.fromkeys(("old_frames", "gaps", "rejected", "error_replies", "foreign", "refused",
-                                     "unsent"), 0)
+                                     "unsent", "sent_at_once"), 0)
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
         self._intake = threading.Thread(target=self._intake_loop, name="rank0-intake", daemon=True)
@@ -101,11 +108,50 @@ class Rank0IO:
     # -- the executor's side -----------------------------------------------------------------------------
 
     def send(self, msg: wire.Message) -> None:
-        """To the proxy of the live session. READY and a start-up error are the answer to every Hello."""
+        """To the proxy of the live session. READY and a start-up error are the answer to every Hello.
+
+        Called by the loop thread. A small frame (a first token, a few streams' chunks) goes out from here
+        at once when nothing waits in the outbox: it reaches the proxy without waking the sender thread,
+        which would first wait for the GIL while the loop runs on. A large frame (a busy step's, many
+        deltas) is encoded by the sender thread, while the loop waits on the device; so is every frame
+        while the proxy is not taking them (the sender waits for it, bounded)."""
         if isinstance(msg, (wire.Ready, wire.StartupError)):
             self._set_answer(msg)
-        else:
+            return
+        small = True
+        if isinstance(msg, wire.Outputs):
+            self._forget_finished(msg)
+            small = len(msg.deltas) <= DIRECT_MAX_DELTAS
+        with self.order_lock:
+            if small and self.queued == 0 and self._send_now(msg):
+                return
+            self.queued += 1
             self.outbox.put((None, msg))
+
+    def _send_now(self, msg: wire.Message) -> bool:
+        """Under ``order_lock`` with nothing queued: one try without waiting. False: nothing was sent."""
+        s = self.session
+        if s is None or self.dead is not None:
+            return False
+        frames = [s.nonce, *self.codec.encode(msg, s.nonce, s.sent + 1, self.engine)]
+        with self.socket_lock:
+            try:
+                self.out.send_multipart(frames, zmq.DONTWAIT)
+            except zmq.ZMQError:
+                return False
+        s.sent += 1
+        self.counts["sent_at_once"] += 1
+        return True
+
+    def _enqueue(self, dest: bytes | None, msg: wire.Message) -> None:
+        """For the sender thread, after every frame given before it."""
+        with self.order_lock:
+            self.queued += 1
+            self.outbox.put((dest, msg))
+
+    def _forget_finished(self, msg: wire.Outputs) -> None:
+        with self.lock:
+            self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
 
     def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
         """From here the intake feeds the executor's queue, and Hellos are answered with ``ready``."""
@@ -122,7 +168,7 @@ class Rank0IO:
             s = self.session
             if s is not None and not s.answered:
                 s.answered = True
-                self.outbox.put((s.nonce, msg))
+                self._enqueue(s.nonce, msg)
                 self.answered.set()
 
     # -- intake ------------------------------------------------------------------------------------------
@@ -133,7 +179,7 @@ class Rank0IO:
         while not self.stop_intake.is_set():
             s = self.session
             if s is not None and time.monotonic() >= next_heartbeat:  # so the proxy can tell silence from death
-                self.outbox.put((s.nonce, wire.Heartbeat(time.time())))
+                self._enqueue(s.nonce, wire.Heartbeat(time.time()))
                 next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
             ready = dict(self.poller.poll(POLL_MS))
             if self.owner is not None and self.owner in ready:
@@ -186,7 +232,7 @@ class Rank0IO:
                        "another client is attached to this engine (one at a time): it must shut down or "
                        f"fall silent for {self.heartbeat_timeout:g} s first")
                 self.counts["refused"] += 1
-                self.outbox.put((frame.session, wire.Refused(why)))
+                self._enqueue(frame.session, wire.Refused(why))
                 return
             if self.open_ids:
                 return  # the last proxy's requests are still being aborted; its Hello is sent again
@@ -236,7 +282,7 @@ class Rank0IO:
                 answer = self.answer
                 s.answered = s.answered or answer is not None
             if answer is not None:
-                self.outbox.put((s.nonce, answer))
+                self._enqueue(s.nonce, answer)
                 self.answered.set()
         elif isinstance(msg, wire.Submit):
             if self.requests is None:
@@ -263,7 +309,7 @@ class Rank0IO:
 
     def _reply_error(self, s: Session, request_id: int, why: str) -> None:
         self.counts["error_replies"] += 1
-        self.outbox.put((s.nonce, wire.Outputs([wire.error_delta(request_id, why)])))
+        self._enqueue(s.nonce, wire.Outputs([wire.error_delta(request_id, why)]))
 
     # -- sender ------------------------------------------------------------------------------------------
 
@@ -276,12 +322,14 @@ class Rank0IO:
                 self._send_one(*item)
             except Exception as e:  # noqa: BLE001 - a frame that cannot be sent is the engine's death
                 self._die(f"the sender failed: {type(e).__name__}: {e}")
+            finally:
+                with self.order_lock:
+                    self.queued -= 1
 
     def _send_one(self, dest: bytes | None, msg: wire.Message) -> None:
         """Sends one outbox item: to the live session (waiting, bounded), or once to another client."""
         if isinstance(msg, wire.Outputs):
-            with self.lock:
-                self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
+            self._forget_finished(msg)
         with self.lock:
             s = self.session
         if dest is None:
@@ -292,7 +340,8 @@ class Rank0IO:
             self._send_to_session(s, msg)
         else:  # a refusal, or a reply to a session that is over: one try, never a wait
             try:
-                self.out.send_multipart([dest, *self.codec.encode(msg, dest, 1, self.engine)], zmq.DONTWAIT)
+                with self.socket_lock:
+                    self.out.send_multipart([dest, *self.codec.encode(msg, dest, 1, self.engine)], zmq.DONTWAIT)
             except zmq.ZMQError:
                 self.counts["unsent"] += 1
 
@@ -302,7 +351,8 @@ class Rank0IO:
         deadline = time.monotonic() + self.send_bound
         while True:
             try:
-                self.out.send_multipart(frames)  # waits SEND_SLICE_MS at most
+                with self.socket_lock:
+                    self.out.send_multipart(frames)  # waits SEND_SLICE_MS at most
                 s.sent += 1
                 return
             except zmq.ZMQError as e:  # Again: the proxy is not reading; EHOSTUNREACH: not connected
