@@ -47,9 +47,14 @@ def stage(comm: MPI.Comm, name: str, fn: Callable[[], Any], timings: dict[str, f
 def process_age() -> float:
     """Seconds since this process started (start-up counts the imports too). From /proc, in the clock
     that the kernel stamps process starts with: wall-clock start times drift by up to a second."""
-    with open("/proc/self/stat") as f:
-        started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):  # no /proc (not Linux): the wall clock
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 def default_max_num_tokens(device_type: str) -> int:
