@@ -116,7 +116,7 @@ class BlockManager:
         """Extends the table to cover num_tokens token slots, all or nothing: free blocks first, then the
         least recently used evictable ones. False, and no change, if there are not enough."""
         table = self._seqs[seq_id].table
-        need = -(-num_tokens // self.block_size) - len(table)
+        need = self.blocks_needed(num_tokens) - len(table)
         if need <= 0:
             return True  # the common case: a decode within its last block
         if need > self.num_free_blocks:

@@ -56,13 +56,9 @@ class Scheduler:
                 decodes.append(r)
             elif left > 1:
                 chunks.append(r)
-        grow = self.blocks.grow
         for req in decodes:
             if self.budget > 0 and req in self.running and not self._done_soon(req):
-                if grow(req.request_id, req.num_computed + 1):
-                    self._take(req, 1)  # the common case: room in its blocks, or a free one
-                else:
-                    self._run(req, 1)
+                self._run(req, 1)
         for req in chunks:  # a request preempted above is no longer running: skipped
             if self.budget > 0 and req in self.running:
                 self._run(req, req.num_tokens - req.num_computed)

@@ -327,9 +327,8 @@ class Rank0IO:
                     self.queued -= 1
 
     def _send_one(self, dest: bytes | None, msg: wire.Message) -> None:
-        """Sends one outbox item: to the live session (waiting, bounded), or once to another client."""
-        if isinstance(msg, wire.Outputs):
-            self._forget_finished(msg)
+        """Sends one outbox item: to the live session (waiting, bounded), or once to another client. (``send``
+        already forgot the requests that its Outputs end; intake's error replies end no open request.)"""
         with self.lock:
             s = self.session
         if dest is None:
