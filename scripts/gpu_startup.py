@@ -47,10 +47,12 @@ def main() -> None:
         info = llm.info
         record(stage=which, startup_s=llm.startup_s, rank0_startup_s=info["startup_s"],
                stages=info["startup_stages_s"], graph_buckets=len(info["cuda_graphs"]),
+               prompt_graphs=len(info["prompt_graphs"]), compiles_at_start=info["triton_compiles_at_start"],
                graph_capture_s=info["graph_capture_s"], device=info["device"])
         t = time.perf_counter()
         outs = llm.generate(PROMPTS, greedy)
-        record(stage=f"{which}_first_generate", s=round(time.perf_counter() - t, 3))
+        record(stage=f"{which}_first_generate", s=round(time.perf_counter() - t, 3),
+               triton_compiles_after_ready=llm.stats().get("triton_compiles"))
         ours = ours or [o.token_ids for o in outs]
         llm.shutdown()
         if which == "cold":

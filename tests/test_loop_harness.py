@@ -120,7 +120,9 @@ def make_engine(rng: random.Random, mode: str, interval: int, gpu_order: bool):
     block_size = rng.choice([1, 2, 4, 16])
     capacity = rng.choice([20, 32, 64, 400])  # tokens; the largest request needs 19: small pools preempt
     blocks = BlockManager(-(-capacity // block_size) + 1, block_size, enable_prefix_caching=rng.random() < 0.7)
-    scheduler = Scheduler(blocks, max_batch_size=rng.choice([1, 4, 16]), max_num_tokens=rng.choice([3, 8, 64]))
+    max_num_tokens = rng.choice([3, 8, 64])
+    scheduler = Scheduler(blocks, max_batch_size=min(rng.choice([1, 4, 16]), max_num_tokens),
+                          max_num_tokens=max_num_tokens, max_chunk_tokens=rng.choice([None, 2, 5]))
     executor = Executor(config, FakeQueue(), scheduler, FakeRunner(blocks), Sampler(torch.device("cpu"), 0),
                         published.extend, torch.device("cpu"))
     if gpu_order:
@@ -171,7 +173,7 @@ def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> int:
                 submit(rid)
         executor.step()
         route()
-    for _ in range(500):  # let everything finish
+    for _ in range(3000):  # let everything finish (bounded: mbs 1 and 2-token chunks are slow)
         if not executor.requests and executor.prev is None:
             break
         executor.step()

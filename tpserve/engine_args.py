@@ -42,6 +42,9 @@ class EngineArgs:
                                      default_text="the model's context")
     max_num_tokens: int | None = option(None, "token budget of one step; longer prompts are chunked", low=1,
                                         default_text="by device and max_seq_len")
+    max_chunk_tokens: int | None = option(None, "most prompt tokens of one request in one step, so a long "
+                                          "prompt leaves room for the ones behind it", low=1,
+                                          default_text="max_num_tokens / 4")
     stream_interval: int = option(1, "a stream gets its tokens every N tokens", low=1)
     seed: int = option(0, "seed of the sampling of requests that bring no seed of their own", low=0, high=2**63 - 1)
     enable_overlap: bool = option(True, "launch step k before the host has step k-1's tokens",
@@ -60,6 +63,10 @@ class EngineArgs:
         hints = _hints()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
+        if self.max_num_tokens is not None and self.max_num_tokens < self.max_batch_size:
+            raise ValueError(f"max_num_tokens={self.max_num_tokens} is below max_batch_size={self.max_batch_size}: "
+                             "a step must hold one token of every running request; raise max_num_tokens or "
+                             "lower max_batch_size")
 
     @classmethod
     def names(cls) -> list[str]:

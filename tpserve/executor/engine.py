@@ -57,9 +57,16 @@ def process_age() -> float:
         return time.time() - psutil.Process().create_time()
 
 
-def default_max_num_tokens(device_type: str) -> int:
-    """The step's token budget: prompts longer than this are chunked over steps."""
-    return 8192 if device_type == "cuda" else 2048
+def default_max_num_tokens(device_type: str, max_batch_size: int) -> int:
+    """The step's token budget: prompts longer than this are chunked over steps. At least one token for
+    every running request."""
+    return max(8192 if device_type == "cuda" else 2048, max_batch_size)
+
+
+def default_max_chunk_tokens(max_num_tokens: int) -> int:
+    """One request's prompt chunk per step: a quarter of the step, so a long prompt leaves room for the
+    prompts that arrive behind it."""
+    return max(max_num_tokens // 4, 1)
 
 
 def pool_blocks(args: Any, config: Any, tp_size: int, device: Any, dtype: Any, model: Any,
@@ -113,13 +120,34 @@ def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_
         torch.cuda.empty_cache()
 
 
+def warm_kernels(model: Any, config: Any, tp_size: int, args: Any, max_num_tokens: int, max_seq_len: int,
+                 graphs: Any, device: Any, dtype: Any) -> set:
+    """Compiles (or loads from Triton's disk cache) every kernel variant a step can use: those of the graphs
+    when there are graphs (every step is one), else those of any eager step."""
+    from tpserve.kernels.policy import num_sms
+    from tpserve.kernels.variants import KernelConfig, reachable_eager, reachable_graphed, warm_up
+
+    cfg = KernelConfig(
+        num_q_heads=config.num_heads // tp_size,
+        num_kv_heads=config.num_kv_heads // tp_size,
+        block_size=args.block_size,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=max_num_tokens,
+        max_blocks_per_seq=-(-max_seq_len // args.block_size),
+        num_sms=num_sms(device.index or 0),
+    )
+    variants = reachable_graphed(cfg, graphs.keys) if graphs is not None else reachable_eager(cfg)
+    warm_up(model, cfg, variants, device, dtype)
+    return variants
+
+
 def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> tuple[Any, dict[str, Any]]:
     """Loads this rank's shard and returns (executor, info for READY). ``args`` is the engine's options
     (``EngineArgs``)."""
     import torch
 
     from tpserve.executor.block_manager import BlockManager
-    from tpserve.executor.cuda_graphs import DecodeGraphs
+    from tpserve.executor.cuda_graphs import CudaGraphs
     from tpserve.executor.dist import init_tensor_parallel, pick_device, pick_dtype
     from tpserve.executor.executor import Executor, ExecutorConfig
     from tpserve.executor.instrument import make_instruments
@@ -149,11 +177,18 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     device = timed_stage("pick_device", lambda: pick_device(args.device))
     dtype = timed_stage("pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
     max_seq_len = args.max_seq_len or config.max_position_embeddings
-    max_num_tokens = args.max_num_tokens or default_max_num_tokens(device.type)
+    max_num_tokens = args.max_num_tokens or default_max_num_tokens(device.type, args.max_batch_size)
+    max_chunk_tokens = args.max_chunk_tokens or default_max_chunk_tokens(max_num_tokens)
     timed_stage("init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
     tp = TPContext(rank, size)
     model, _ = timed_stage("load_model", lambda: load_model(model_dir, tp, device, dtype))
     fused = timed_stage("load_kernels", lambda: model.use_fused_kernels(max_seq_len))
+    compiles = None
+    if fused:  # counts from here: the profiling forward's compiles are start-up's too
+        from tpserve.kernels.variants import CompileCounter
+
+        compiles = CompileCounter()
+        compiles.install()
     mine = timed_stage("size_kv_cache",
                        lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len, max_num_tokens))
     num_blocks = comm.allreduce(mine, op=MPI.MIN)  # every rank's BlockManager must be the same
@@ -165,9 +200,14 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
     graphs = None
     capture_s = 0.0
-    if fused and not args.enforce_eager:
+    variants: set = set()
+    if fused:
+        if not args.enforce_eager:
+            graphs = CudaGraphs(model, kv, blocks, args.max_batch_size, max_num_tokens, max_seq_len, device)
+        variants = timed_stage("warm_kernels", lambda: warm_kernels(model, config, size, args, max_num_tokens,
+                                                                    max_seq_len, graphs, device, dtype))
+    if graphs is not None:
         start = time.perf_counter()
-        graphs = DecodeGraphs(model, kv, blocks, args.max_batch_size, max_seq_len, device)
         timed_stage("capture_cuda_graphs", graphs.capture)
         capture_s = time.perf_counter() - start
     ex_config = ExecutorConfig(
@@ -181,13 +221,16 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     executor = Executor(
         ex_config,
         RequestQueue(comm),
-        Scheduler(blocks, args.max_batch_size, max_num_tokens),
+        Scheduler(blocks, args.max_batch_size, max_num_tokens, max_chunk_tokens),
         ModelRunner(model, kv, blocks, device, graphs),
         Sampler(device, args.seed),
         publish,
         device,
         make_instruments(comm),
     )
+    if compiles is not None:
+        compiles.mark_ready()
+        executor.kernel_compiles = compiles.since_ready
     info = {
         "model_dir": model_dir,
         "arch": config.arch,
@@ -196,13 +239,17 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         "max_seq_len": max_seq_len,
         "max_batch_size": args.max_batch_size,
         "max_num_tokens": max_num_tokens,
+        "max_chunk_tokens": max_chunk_tokens,
         "block_size": args.block_size,
         "num_kv_blocks": num_blocks,
         "kv_cache_tokens": capacity,
         "enable_prefix_caching": args.enable_prefix_caching,
         "fused_kernels": fused,
-        "cuda_graphs": graphs.buckets if graphs is not None else [],
+        "cuda_graphs": graphs.decode_buckets if graphs is not None else [],
+        "prompt_graphs": graphs.prompt_buckets if graphs is not None else [],
         "graph_capture_s": round(capture_s, 3),
+        "kernel_variants": sorted(f"{k}:{c}" for k, c in variants),
+        "triton_compiles_at_start": compiles.count if compiles is not None else 0,
         "tensor_parallel_size": size,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

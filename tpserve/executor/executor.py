@@ -98,6 +98,7 @@ class Executor:
         self.hooks = hooks if hooks is not None else Instruments()  # debug hooks: no-ops unless switched on
         self.iteration_time = 0.0  # moving average of busy iterations, seconds
         self.drain_watch: Watchdog | None = None
+        self.kernel_compiles: Callable[[], int] = lambda: 0  # Triton compiles since ready (GPU: variants.py)
 
     @property
     def overlap(self) -> bool:
@@ -144,6 +145,7 @@ class Executor:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_free_blocks": blocks.num_free_blocks,
             "shutting_down": self.shutting_down,
+            "triton_compiles": self.kernel_compiles(),
         }
 
     def _step_plain(self, batch: ScheduledBatch) -> None:

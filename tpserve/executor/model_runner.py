@@ -1,20 +1,20 @@
 """Turns a scheduled batch into model inputs (token ids and the paged-attention metadata, one packed copy)
-and runs the forward pass of this rank's shard: a CUDA graph replay for decode batches when graphs are
-captured, eagerly otherwise."""
+and runs the forward pass of this rank's shard: a CUDA graph replay when graphs are captured (decode and
+prompt steps alike), eagerly otherwise."""
 
 from __future__ import annotations
 
 import torch
 
 from tpserve.executor.block_manager import BlockManager
-from tpserve.executor.cuda_graphs import DecodeGraphs
+from tpserve.executor.cuda_graphs import CudaGraphs
 from tpserve.executor.scheduler import ScheduledBatch
 from tpserve.model import AttentionMetadata, KVCache, LlamaForCausalLM
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCache, blocks: BlockManager, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: CudaGraphs | None = None) -> None:
         self.model = model
         self.kv = kv
         self.blocks = blocks
@@ -46,8 +46,9 @@ class ModelRunner:
                 assert prev_rows is not None and prev_tokens is not None
                 from_device.append((len(ids), prev_rows[req.request_id]))
                 ids.append(0)
-        if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch, ids, from_device, prev_tokens)
+        key = self.graphs.pick(batch) if self.graphs is not None else None
+        if key is not None:
+            return self.graphs.run(key, batch, ids, from_device, prev_tokens)
         meta, positions = AttentionMetadata.build(
             [self.blocks.table_view(s.request.request_id) for s in batch.seqs],
             [s.start_pos for s in batch.seqs],

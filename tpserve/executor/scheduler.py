@@ -28,17 +28,24 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Every step: one token for each running decode, then prefill chunks (running ones, then waiting ones,
-    oldest first) while the ``max_num_tokens`` budget, ``max_batch_size`` and the free blocks allow.
+    """Every step: one token for each running decode first, then prefill chunks (running ones, then waiting
+    ones, oldest first) while the ``max_num_tokens`` budget, ``max_batch_size`` and the free blocks allow;
+    no request's chunk is longer than ``max_chunk_tokens``, so a long prompt leaves room in every step for
+    the short ones that arrive behind it.
 
     When a running request needs a block and none is free, the most recently admitted running request not
     already in this step is preempted: its blocks are freed and it waits at the head of the queue, to be
     recomputed from its prompt and the tokens it has generated (whose KV the prefix cache may still hold)."""
 
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_tokens: int,
+                 max_chunk_tokens: int | None = None) -> None:
+        if max_num_tokens < max_batch_size:
+            raise ValueError(f"max_num_tokens={max_num_tokens} is below max_batch_size={max_batch_size}: a step "
+                             "must hold one token of every running request")
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
+        self.max_chunk_tokens = max_chunk_tokens or max_num_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
@@ -61,7 +68,7 @@ class Scheduler:
                 self._run(req, 1)
         for req in chunks:  # a request preempted above is no longer running: skipped
             if self.budget > 0 and req in self.running:
-                self._run(req, req.num_tokens - req.num_computed)
+                self._run(req, min(req.num_tokens - req.num_computed, self.max_chunk_tokens))
         while self.waiting and self.budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             if req.num_pending:  # preempted with a token still on the device: resume once it is known
@@ -70,7 +77,7 @@ class Scheduler:
             if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
                 req.num_cached_tokens = cached
             req.num_computed = cached
-            n = self._fit(req, req.num_tokens - cached)
+            n = self._fit(req, min(req.num_tokens - cached, self.max_chunk_tokens))
             if n == 0:
                 self.blocks.free(req.request_id)
                 req.num_computed = 0

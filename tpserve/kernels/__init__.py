@@ -68,16 +68,19 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     num_decodes: int = 0,
+    padded: bool = False,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over the paged caches -> [T, Hq, D]. On CUDA: the split-KV decode
     kernel when T == S, else the varlen kernel (with the first num_decodes single-query sequences, a host
-    count, sent to the decode kernel); graph-capturable. Elsewhere: the batched torch oracle."""
+    count, sent to the decode kernel); with ``padded`` (a CUDA graph's bucket: tokens past the last
+    sequence's, sequences with no query) the varlen kernel alone, zeros for the padding tokens;
+    graph-capturable. Elsewhere: the batched torch oracle."""
     args = (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
     if backend_for(q) == "triton":
         from tpserve.kernels import attention
 
-        return attention.paged_attention(*args, num_decodes=num_decodes)
-    return reference.paged_attention(*args)
+        return attention.paged_attention(*args, num_decodes=num_decodes, padded=padded)
+    return reference.paged_attention(*args, padded=padded)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -8,6 +8,12 @@ seq_lens[s] - q_len[s] + i and attends to keys 0..that position.
 One program handles one kv head and all the query heads of its GQA group, so each key tile is read once per
 group. Grids come from static shapes only (T, S, heads, a fixed number of splits): the launchers never read
 a device tensor, so they run inside CUDA graph capture and never sync.
+
+Triton compiles one variant per combination of constexprs and of the integer and alignment facts it
+specializes on. The arguments that vary from step to step (the sequence count, the block-table width, the
+metadata pointers, which are views into one packed copy) are kept out of that specialization, so the
+variants a configuration can reach are the constexpr choices of policy.py alone, and start-up compiles
+each (tpserve.kernels.variants).
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ def _load_tile(cache_ptr, block_table_row, keys, key_mask, kv_head, dims,
     return tl.load(cache_ptr + rows[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"])
 def _varlen_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     scale_log2, num_seqs, group,
@@ -109,7 +116,7 @@ def _varlen_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_q_heads, group,
@@ -211,14 +218,16 @@ def varlen_attention(
     block_tables: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    block_m: int | None = None,
 ) -> torch.Tensor:
+    """block_m (query rows per program) defaults to policy.varlen_block_m for these shapes."""
     group, num_kv_heads = _check(q, k_cache, v_cache)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     out = torch.empty_like(q) if out is None else out
     if num_tokens == 0:
         return out
     group_pad = next_power_of_2(group)
-    block_m = varlen_block_m(num_tokens, num_seqs, group_pad)
+    block_m = block_m or varlen_block_m(num_tokens, num_seqs, group_pad)
     block_q = block_m // group_pad
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _varlen_kernel[grid](
@@ -280,13 +289,21 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     num_decodes: int = 0,
+    padded: bool = False,
 ) -> torch.Tensor:
     """The decode kernel when every sequence brings one query (T == S, a shape fact), else the varlen one.
 
     num_decodes > 0 says that the first num_decodes sequences bring one query each (decodes first, as the
     scheduler orders a mixed step): they go to the split-KV decode kernel, the rest to the varlen kernel,
-    instead of one varlen program walking each decode's whole context alone."""
+    instead of one varlen program walking each decode's whole context alone.
+
+    padded: a CUDA graph's step, whose T and S are its bucket's (AttentionMetadata.padded): the varlen kernel
+    alone serves any mix; sequences past the real ones have no query, and the rows of the tokens past the
+    real ones, which no program writes, are zeros."""
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
+    if padded:
+        out = torch.zeros_like(q)
+        return varlen_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out=out)
     if attention_path(num_tokens, num_seqs) == "decode":
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
     if not 0 < num_decodes < num_seqs:

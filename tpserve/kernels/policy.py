@@ -59,9 +59,15 @@ def num_kv_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: i
     Enough (sequence, kv head, split) programs to give every multiprocessor about two, no more splits than
     key tiles in the longest context the block table can describe (max_context = its width * block_size).
     """
-    want = next_power_of_2(-(-2 * num_sms // max(num_seqs * num_kv_heads, 1)))
-    tiles = next_power_of_2(-(-max_context // DECODE_BLOCK_N))
-    return max(1, min(want, tiles, MAX_KV_SPLITS))
+    return max(1, min(kv_splits_wanted(num_seqs, num_kv_heads, num_sms), kv_tiles(max_context), MAX_KV_SPLITS))
+
+
+def kv_splits_wanted(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    return next_power_of_2(-(-2 * num_sms // max(num_seqs * num_kv_heads, 1)))
+
+
+def kv_tiles(max_context: int) -> int:
+    return next_power_of_2(-(-max_context // DECODE_BLOCK_N))
 
 
 def varlen_block_m(num_tokens: int, num_seqs: int, group_pad: int) -> int:

@@ -96,13 +96,26 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    padded: bool = False,
 ) -> torch.Tensor:
     """The oracle: q [T, Hq, D] -> [T, Hq, D], every sequence in one padded scaled_dot_product_attention.
 
     Queries are scattered into [S, max_query_len] rows and keys gathered through the block tables into
     [S, max_seq_len]; the mask allows key j to query i of sequence s iff j <= its position. Its memory grows
     with S * max_query_len * max_seq_len: the engine calls it once for the decodes and once for the prefills.
-    The two maxima are host sizes; when not given they are read from the device (a sync: tests only)."""
+    The two maxima are host sizes; when not given they are read from the device (a sync: tests only).
+    ``padded``: a CUDA graph's bucketed layout, where tokens past ``query_start_loc[-1]`` belong to no
+    sequence (their rows come out zero) and sequences may have no query (read from the device: a sync)."""
+    if padded:
+        real = int(query_start_loc[-1])
+        out = torch.zeros_like(q)
+        if real:
+            qlens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+            keep = torch.nonzero(qlens).flatten()
+            qsl = torch.zeros(len(keep) + 1, dtype=query_start_loc.dtype, device=q.device)
+            qsl[1:] = torch.cumsum(qlens[keep], 0)
+            out[:real] = paged_attention(q[:real], k_cache, v_cache, qsl, seq_lens[keep], block_tables[keep], scale)
+        return out
     s = seq_lens.shape[0]
     t, hq, d = q.shape
     block_size = k_cache.shape[1]

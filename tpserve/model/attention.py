@@ -36,6 +36,7 @@ class AttentionMetadata:
     max_decode_seq_len: int
     max_prefill_seq_len: int
     input_ids: torch.Tensor | None = None  # int32 [T], when the step's tokens travelled with the metadata
+    padded: bool = False  # a CUDA graph's bucket: tokens past query_start_loc[-1] and sequences with no query
 
     @classmethod
     def build(
@@ -142,6 +143,10 @@ class Attention(nn.Module):
         """q [T, Hq, D], k and v [T, Hkv, D] (local heads, RoPE applied) -> [T, Hq * D]."""
         k_cache, v_cache = kv.k[self.layer], kv.v[self.layer]
         reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.padded:
+            out = reference.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                            meta.block_tables, self.scale, padded=True)
+            return out.flatten(1)
         d = meta.num_decodes
         s = meta.seq_lens.shape[0]
         if d == s or d == 0:  # one kind of sequence: one call

@@ -134,7 +134,7 @@ class LlamaAttention(nn.Module):
         q = kernels.qk_norm_rope_store(q, k, v, positions, cos_sin, q_norm, k_norm, eps, k_cache, v_cache,
                                        meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                      self.attn.scale, num_decodes=meta.num_decodes)
+                                      self.attn.scale, num_decodes=meta.num_decodes, padded=meta.padded)
         return self.o_proj(out.flatten(1))
 
 
@@ -206,19 +206,24 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+        logits_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Returns float32 logits [S, vocab_size] for the last new token of each sequence, identical on every rank."""
+        """Returns float32 logits [S, vocab_size] for the last new token of each sequence, identical on every rank.
+        ``logits_out`` [S, vocab_size] float32, when given, receives them (the CUDA graphs' one shared output,
+        written by the cast that would otherwise allocate a new tensor)."""
         if self.cos_sin is not None:
-            return self._forward_fused(input_ids, positions, meta, kv)
-        x = self.model.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, meta, kv)
-        x = self.model.norm(x[meta.last_token_index])
-        return self.lm_head(x).float()
+            h = self._hidden_fused(input_ids, positions, meta, kv)
+        else:
+            x = self.model.embed_tokens(input_ids)
+            rope = self.rotary(positions, x.dtype)
+            for layer in self.model.layers:
+                x = layer(x, rope, meta, kv)
+            h = self.model.norm(x[meta.last_token_index])
+        logits = self.lm_head(h)
+        return logits.float() if logits_out is None else logits_out.copy_(logits)
 
-    def _forward_fused(
+    def _hidden_fused(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
     ) -> torch.Tensor:
         """The same math with each residual add fused into the norm that follows it (vLLM's layout)."""
@@ -234,4 +239,4 @@ class LlamaForCausalLM(nn.Module):
                 h, residual = kernels.add_rmsnorm(mlp, residual, layers[i + 1].input_layernorm.weight, eps)
         last = meta.last_token_index  # the final add and norm only for the rows the LM head reads
         h, _ = kernels.add_rmsnorm(mlp[last], residual[last], self.model.norm.weight, eps)
-        return self.lm_head(h).float()
+        return h

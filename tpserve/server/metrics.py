@@ -29,6 +29,8 @@ ENGINE_GAUGES = (
 # Cumulative in the engine: counters, so that rate() works (the exported name gains _total).
 ENGINE_COUNTERS = (
     ("tpserve_num_preemptions", "num_preemptions", "Requests preempted (KV freed, recomputed later)."),
+    ("tpserve_triton_compiles", "triton_compiles",
+     "Triton kernel compiles since the engine was ready (start-up warms every variant: 0 is right)."),
 )
 
 

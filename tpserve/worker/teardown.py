@@ -34,7 +34,7 @@ def teardown(executor: Executor, io: Rank0IO | None, comm: MPI.Comm) -> None:
 
 
 def release_cuda_graphs(executor: Executor) -> None:
-    """Decode graphs captured with NCCL all-reduces inside hold the communicator's work: they are destroyed
+    """CUDA graphs captured with NCCL all-reduces inside hold the communicator's work: they are destroyed
     (after the device is idle) before the process group, or NCCL may tear down under a live graph."""
     graphs = executor.runner.graphs
     if graphs is None:  # CPU, eager mode, or no fused kernels: nothing was captured
@@ -42,5 +42,6 @@ def release_cuda_graphs(executor: Executor) -> None:
     import torch
 
     torch.cuda.synchronize(executor.device)
+    count = len(graphs.graphs)
     graphs.close()
-    trace("worker", "cuda_graphs_destroyed", buckets=len(graphs.buckets))
+    trace("worker", "cuda_graphs_destroyed", graphs=count)
