@@ -166,9 +166,10 @@ def main() -> int:
     }.items():
         ids = [7] * sum(qlens)
         key = graphs.picker(sum(qlens), len(qlens))
-        graph_ms = wall(lambda: graphs.replay(key, tables, starts, qlens, ids, [], None))
+        step = (tables, starts, qlens, ids)
+        graph_ms = wall(lambda key=key, step=step: graphs.replay(key, *step, [], None))
 
-        def eager():
+        def eager(tables=tables, starts=starts, qlens=qlens, ids=ids) -> None:
             meta, positions = AttentionMetadata.build(tables, starts, qlens, bs, "cuda", input_ids=ids)
             with torch.inference_mode():
                 model(meta.input_ids, positions, meta, kv)

@@ -33,7 +33,7 @@ def test_token_buckets_cover_every_step_with_bounded_padding() -> None:
         buckets = token_buckets(max_num_tokens)
         assert buckets[0] == min(16, max_num_tokens) and buckets[-1] == max_num_tokens
         assert buckets == sorted(set(buckets))
-        for small, big in zip(buckets, buckets[1:]):
+        for small, big in zip(buckets, buckets[1:], strict=False):
             assert big <= 1.5 * small or big == max_num_tokens, (small, big)  # padding: under a third
     assert token_buckets(8192)[:8] == [16, 24, 32, 48, 64, 96, 128, 192]
 
@@ -126,7 +126,7 @@ def test_a_padded_step_computes_the_eager_step(model_dir: Path, fused: bool) -> 
         got = model(padded_ids, padded_positions, padded_meta, graph_kv, logits_out=out[: key.seqs])
         assert got.data_ptr() == out.data_ptr()
         mix = (num_decodes, num_chunks, key)
-        torch.testing.assert_close(got[: len(qlens)], want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{mix}: {m}")
+        torch.testing.assert_close(got[: len(qlens)], want, atol=2e-5, rtol=2e-5, msg=lambda m, mix=mix: f"{mix}: {m}")
         # padding wrote only reserved block 0: past it, the padded step changed the slots the eager one did,
         # to the same values (up to the float32 rounding of other matmul shapes)
         for cache, eager, before in ((graph_kv.k, eager_kv.k, base.k), (graph_kv.v, eager_kv.v, base.v)):

@@ -20,7 +20,7 @@ from tpserve.server.run import add_serve_args
 # arguments that start with "-".
 CHANGED = dict(
     model="/models/my model=v2", tensor_parallel_size=3, device="cpu", dtype="bfloat16", max_batch_size=5,
-    max_seq_len=333, max_num_tokens=77, stream_interval=2, seed=2**40, enable_overlap=False,
+    max_seq_len=333, max_num_tokens=77, max_chunk_tokens=9, stream_interval=2, seed=2**40, enable_overlap=False,
     early_first_token=False, block_size=32, kv_cache_tokens=4096, gpu_memory_utilization=0.55,
     enable_prefix_caching=False, enforce_eager=True, mpirun_args=("--hostfile", "my hosts", "-x", "A='b c'"),
 )
@@ -113,3 +113,9 @@ def test_options_reach_the_engine():
         out = llm.generate([1, 2, 3], SamplingParams(max_tokens=5, temperature=0))[0]
         assert len(out.token_ids) == 5 or out.finish_reason == "stop"
     assert dataclasses.asdict(llm.engine_args)["mpirun_args"] == ("-x", "TPSERVE_TEST_MARK=1")
+
+
+def test_a_step_budget_below_the_batch_is_refused_clearly():
+    with pytest.raises(ValueError, match="max_num_tokens=8 is below max_batch_size=16"):
+        EngineArgs(max_num_tokens=8, max_batch_size=16)
+    EngineArgs(max_num_tokens=16, max_batch_size=16)

@@ -177,3 +177,44 @@ def test_paged_attention_over_shuffled_blocks() -> None:
         scores.masked_fill_(torch.arange(ctx_lens[s])[None, None, :] > query_pos[None, :, None], float("-inf"))
         expected = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), values)
         torch.testing.assert_close(out[a:b].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_reachable_variants_hold_every_launch_choice_a_configuration_can_make() -> None:
+    """Start-up warms ``reachable_*``: every choice the launchers can make for a step of this configuration
+    must be in it, or that step would compile while serving."""
+    from tpserve.executor.cuda_graphs import GraphPicker, graph_keys
+    from tpserve.kernels.variants import (
+        SINGLE,
+        KernelConfig,
+        decode_variants,
+        reachable_eager,
+        reachable_graphed,
+    )
+
+    cfg = KernelConfig(num_q_heads=8, num_kv_heads=2, block_size=16, max_batch_size=24, max_num_tokens=300,
+                       max_blocks_per_seq=70, num_sms=132)
+    eager = reachable_eager(cfg)
+    for s in range(1, cfg.max_batch_size + 1):  # decodes, alone or first in a mixed step, any table width
+        for width in range(1, cfg.max_blocks_per_seq + 1):
+            splits = policy.num_kv_splits(s, cfg.num_kv_heads, width * cfg.block_size, cfg.num_sms)
+            assert decode_variants(splits) <= eager, (s, width, splits)
+    for t in range(2, cfg.max_num_tokens + 1):  # prompt steps (or their part after the decodes)
+        for s in range(1, min(t - 1, cfg.max_batch_size) + 1):
+            assert ("varlen", policy.varlen_block_m(t, s, cfg.group_pad)) in eager, (t, s)
+    assert {k for k, _ in eager} == {"decode", "reduce", "varlen", "qk_norm_rope_store", "rms_norm",
+                                     "add_rmsnorm", "silu_and_mul"}
+
+    keys = graph_keys(cfg.max_batch_size, cfg.max_num_tokens)
+    graphed = reachable_graphed(cfg, keys)
+    pick = GraphPicker(keys)
+    used = set()
+    for t in range(1, cfg.max_num_tokens + 1):  # with graphs every step replays one: its choices
+        for s in range(1, min(t, cfg.max_batch_size) + 1):
+            key = pick(t, s)
+            if key.decode:
+                choice = decode_variants(cfg.decode_splits(key.seqs, cfg.max_blocks_per_seq))
+            else:
+                choice = {("varlen", policy.varlen_block_m(key.tokens, key.seqs, cfg.group_pad))}
+            assert choice <= graphed, (t, s, key)
+            used |= choice
+    assert graphed - used <= set(SINGLE), "start-up would compile variants no step uses"

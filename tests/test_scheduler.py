@@ -1,0 +1,56 @@
+"""The scheduler serves latency: decodes first, and no request's prompt chunk longer than max_chunk_tokens, so
+a long prompt cannot hold the whole step while short prompts wait behind it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpserve.executor.block_manager import BlockManager
+from tpserve.executor.request import Request
+from tpserve.executor.scheduler import Scheduler
+from tpserve.sampling_params import SamplingParams
+
+
+def request(rid: int, prompt_len: int) -> Request:
+    return Request(rid, [5 + rid] * prompt_len, SamplingParams(max_tokens=4), False)
+
+
+def steps_until_first_computed(max_chunk_tokens: int | None) -> tuple[int, list[list[tuple[int, int]]]]:
+    """A 4,000-token prompt, then a 10-token one right behind it: steps until the short one's prompt is done."""
+    scheduler = Scheduler(BlockManager(600, 16), max_batch_size=8, max_num_tokens=1024,
+                          max_chunk_tokens=max_chunk_tokens)
+    long, short = request(1, 4000), request(2, 10)
+    scheduler.add(long)
+    scheduler.add(short)
+    steps = []
+    for n in range(1, 20):
+        batch = scheduler.schedule()
+        steps.append([(s.request.request_id, s.num_tokens) for s in batch.seqs])
+        if short.num_computed == 10:
+            return n, steps
+    return 0, steps
+
+
+def test_a_long_prompt_leaves_room_for_the_short_one_behind_it():
+    n, steps = steps_until_first_computed(max_chunk_tokens=256)
+    assert n == 1, steps
+    assert steps[0] == [(1, 256), (2, 10)]
+    uncapped, steps = steps_until_first_computed(max_chunk_tokens=None)  # the whole budget goes to the long one
+    assert uncapped == 4, steps
+
+
+def test_decodes_come_first_and_chunks_stay_capped():
+    scheduler = Scheduler(BlockManager(200, 16), max_batch_size=8, max_num_tokens=64, max_chunk_tokens=24)
+    running = request(1, 5)
+    scheduler.add(running)
+    assert [(s.request.request_id, s.num_tokens) for s in scheduler.schedule().seqs] == [(1, 5)]
+    running.output_token_ids.append(9)  # its first token is known: a decode now
+    scheduler.add(request(2, 100))
+    scheduler.add(request(3, 100))
+    batch = scheduler.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in batch.seqs] == [(1, 1), (2, 24), (3, 24)]
+
+
+def test_a_step_budget_below_the_batch_is_refused():
+    with pytest.raises(ValueError, match="max_num_tokens=4 is below max_batch_size=8"):
+        Scheduler(BlockManager(10, 4), max_batch_size=8, max_num_tokens=4)
