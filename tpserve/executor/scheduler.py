@@ -73,7 +73,9 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_pending:  # preempted with a token still on the device: resume once it is known
                 break
-            cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids)
+            # A request that scores its prompt computes every prompt position: no prefix-cache hits for it.
+            cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids,
+                                       use_cache=req.params.prompt_logprobs is None)
             if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
                 req.num_cached_tokens = cached
             req.num_computed = cached
