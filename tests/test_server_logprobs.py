@@ -172,3 +172,30 @@ def test_penalties_and_logit_bias_over_http(client, server, tokenizer):
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "top_logprobs": 2,
                                                              "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_lm_eval_request_shape_gives_hf_log_likelihoods(server, tokenizer):
+    """The body lm-eval 0.4's local-completions model sends for a loglikelihood request (token ids of context +
+    continuation, echo, logprobs 1, max_tokens 1, seed 1234), parsed as its parse_logprobs does (the sum of
+    token_logprobs[ctxlen:-1], greedy when every token is its top's best), on the documents of the lm-eval
+    task in tests/lm_eval_task: equal to HF's log-likelihood within 1e-3."""
+    import json
+    from pathlib import Path
+
+    docs = [json.loads(line) for line in
+            (Path(__file__).parent / "lm_eval_task" / "tpserve_loglikelihood.jsonl").read_text().splitlines()]
+    for doc in docs:
+        ctx, cont = tokenizer.encode(doc["context"]), tokenizer.encode(doc["continuation"])
+        body = {"model": MODEL, "prompt": [ctx + cont], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+                "seed": 1234, "echo": True}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        token_logprobs = choice["logprobs"]["token_logprobs"][len(ctx) : -1]
+        tops = choice["logprobs"]["top_logprobs"][len(ctx) : -1]
+        assert len(token_logprobs) == len(cont)
+        rows = hf_rows(ctx + cont)
+        hf = [rows[len(ctx) + i - 1] for i in range(len(cont))]
+        assert abs(sum(token_logprobs) - sum(row[t].item() for row, t in zip(hf, cont, strict=True))) <= 1e-3
+        greedy = all(v == max(top.values()) for v, top in zip(token_logprobs, tops, strict=True))
+        assert greedy == all(row.argmax().item() == t for row, t in zip(hf, cont, strict=True))
