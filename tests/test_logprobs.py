@@ -101,3 +101,83 @@ def test_logprobs_match_hf_tp2_chunked_and_preempted(model_dir):
         assert llm.stats()["num_preemptions"] > 0
         for out in outs:
             check_output(model_dir, out, 4, 2)
+
+
+def hf_logits(model_dir, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return _hf_model(str(model_dir))(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_extra_rows_give_every_asked_positions_logits(model_dir, fused):
+    """``LlamaForCausalLM.forward(..., extra_rows=)``: the last-token logits unchanged, and the logits of the
+    extra rows equal HF's at those positions, on the CPU path and on the GPU path's wiring (run here on the
+    kernels' torch references), in a step of a decode beside a prompt chunk over a cached prefix."""
+    from tpserve.kernels import build_cos_sin_cache
+    from tpserve.model import AttentionMetadata, KVCache, TPContext, load_model
+
+    model, config = load_model(model_dir, TPContext(), "cpu", torch.float32)
+    model.cos_sin = build_cos_sin_cache(model.rotary.inv_freq, 64) if fused else None
+    a, b = prompt(1, 6), prompt(2, 13)
+    kv = KVCache(config, 1, 8, 4, "cpu", torch.float32)
+    tables = [[1, 2], [3, 4, 5, 6]]
+    meta, positions = AttentionMetadata.build(tables, [0, 0], [5, 5], 4, "cpu", input_ids=a[:5] + b[:5])
+    model(meta.input_ids, positions, meta, kv)
+    # step 2: a's last token (a decode) and b's next 8 tokens, scoring b's positions 5..11
+    meta, positions = AttentionMetadata.build(tables, [5, 5], [1, 8], 4, "cpu", input_ids=a[5:6] + b[5:13])
+    plain = model(meta.input_ids, positions, meta, kv)
+    extra_rows = torch.arange(1, 8)  # new tokens 1..7 of the step: b's positions 5..11
+    logits, extra = model(meta.input_ids, positions, meta, kv, extra_rows=extra_rows)
+    torch.testing.assert_close(logits, plain)
+    ref_b = hf_logits(model_dir, b)
+    torch.testing.assert_close(extra, ref_b[5:12], atol=TOL, rtol=0)
+    torch.testing.assert_close(logits[1], ref_b[12], atol=TOL, rtol=0)
+    torch.testing.assert_close(logits[0], hf_logits(model_dir, a)[5], atol=TOL, rtol=0)
+
+
+class RecordingGraphs:
+    """Stands in for CudaGraphs: says every batch fits a graph, and records the replays it is asked for."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.replays = 0
+
+    def pick(self, batch):
+        return "bucket"
+
+    def run(self, key, batch, ids, from_device, prev_tokens):
+        self.replays += 1
+        return torch.zeros(len(batch), self.runner.model.config.vocab_size)
+
+
+def test_runner_runs_prompt_scoring_steps_eagerly(model_dir):
+    """A step that scores prompt positions bypasses the graphs (they return last-token logits only) and hands
+    the sampler the logits of those positions; any other step still replays a graph."""
+    from tpserve.executor.block_manager import BlockManager
+    from tpserve.executor.model_runner import ModelRunner
+    from tpserve.executor.request import Request
+    from tpserve.executor.scheduler import ScheduledBatch, ScheduledSeq
+    from tpserve.model import KVCache, TPContext, load_model
+
+    model, config = load_model(model_dir, TPContext(), "cpu", torch.float32)
+    blocks = BlockManager(16, 4)
+    runner = ModelRunner(model, KVCache(config, 1, 16, 4, "cpu", torch.float32), blocks, torch.device("cpu"))
+    runner.graphs = graphs = RecordingGraphs(runner)
+    plain = Request(0, prompt(3, 7), SamplingParams(max_tokens=2), False)
+    scored = Request(1, prompt(4, 9), SamplingParams(max_tokens=2, prompt_logprobs=1), False)
+    for req in (plain, scored):
+        blocks.admit(req.request_id, req.prompt_token_ids)
+        blocks.grow(req.request_id, len(req.prompt_token_ids))
+    runner.forward(ScheduledBatch([ScheduledSeq(plain, 0, 7, True)]))
+    assert graphs.replays == 1 and runner.prompt_logits is None
+    logits = runner.forward(ScheduledBatch([ScheduledSeq(plain, 0, 7, True), ScheduledSeq(scored, 0, 5, False)]))
+    assert graphs.replays == 1  # eager
+    pl = runner.prompt_logits
+    assert pl is not None and pl.spans == [(scored, 0, 5)]
+    assert pl.targets.tolist() == scored.prompt_token_ids[1:6]
+    ref = hf_logits(model_dir, scored.prompt_token_ids)
+    torch.testing.assert_close(pl.logits, ref[0:5], atol=TOL, rtol=0)
+    torch.testing.assert_close(logits[0], hf_logits(model_dir, plain.prompt_token_ids)[6], atol=TOL, rtol=0)
+    # the last chunk scores up to the prompt's second-to-last position (the last one's logits are sampled)
+    runner.forward(ScheduledBatch([ScheduledSeq(scored, 5, 4, True)]))
+    assert runner.prompt_logits.spans == [(scored, 5, 8)] and graphs.replays == 1
