@@ -88,6 +88,11 @@ def test_logprobs_match_hf_tp1_with_mixed_rows(model_dir):
         stream = llm.generate_stream(prompts[1], asks[2])
         chunks = list(stream)
         assert sum((c.logprobs for c in chunks if c.token_ids), []) == stream.output.logprobs
+        # a bias on a token outside the vocabulary ends that request alone, with a message
+        bad = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={llm.info["vocab_size"]: 1.0})
+        outs = llm.generate(prompts[:2], [bad, plain])
+        assert outs[0].finish_reason == "error" and "logit_bias" in outs[0].error and not outs[0].token_ids
+        assert outs[1].token_ids == alone[1].token_ids
 
 
 def test_logprobs_match_hf_tp2_chunked_and_preempted(model_dir):
