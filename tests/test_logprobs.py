@@ -3,6 +3,8 @@ weights: values, top-k ids and ranks, at TP 1 and TP 2, with chunked prefill and
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import _hf_model, built_model
@@ -98,8 +100,13 @@ def test_logprobs_match_hf_tp1_with_mixed_rows(model_dir):
 def test_logprobs_match_hf_tp2_chunked_and_preempted(model_dir):
     """TP 2, prompts in chunks of 5 tokens, and a KV pool so small that requests are preempted and recomputed
     in the middle of their prompts and of their outputs."""
-    with LLM(model=str(model_dir), tensor_parallel_size=2, max_seq_len=96, max_batch_size=4, max_chunk_tokens=5,
-             block_size=4, kv_cache_tokens=72) as llm:
+    os.environ["TPSERVE_CHECK_RANKS"] = "1"  # every publish, log-probabilities included, compared across ranks
+    try:
+        llm = LLM(model=str(model_dir), tensor_parallel_size=2, max_seq_len=96, max_batch_size=4, max_chunk_tokens=5,
+                  block_size=4, kv_cache_tokens=72)
+    finally:
+        del os.environ["TPSERVE_CHECK_RANKS"]
+    with llm:
         prompts = [prompt(10 + i, n) for i, n in enumerate([23, 17, 29, 11])]
         params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=4, prompt_logprobs=2)
         outs = llm.generate(prompts, params)

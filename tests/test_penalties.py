@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 
 import torch
@@ -123,7 +124,12 @@ def test_greedy_outcomes_match_hf_with_the_reference():
         dataclasses.replace(greedy, logit_bias=lift, frequency_penalty=0.8, presence_penalty=-1.0,
                             repetition_penalty=1.1),
     ]
-    with LLM(model=str(model_dir), tensor_parallel_size=2, max_seq_len=64, max_batch_size=8) as llm:
+    os.environ["TPSERVE_CHECK_RANKS"] = "1"  # every publish compared across ranks
+    try:
+        llm = LLM(model=str(model_dir), tensor_parallel_size=2, max_seq_len=64, max_batch_size=8)
+    finally:
+        del os.environ["TPSERVE_CHECK_RANKS"]
+    with llm:
         outs = llm.generate(prompts, params)
         again = llm.generate(prompts[:1], params[:1])[0].token_ids
     assert outs[0].token_ids == again  # the row that uses nothing is unchanged by its neighbours
