@@ -193,3 +193,7 @@ def test_runner_runs_prompt_scoring_steps_eagerly(model_dir):
     # the last chunk scores up to the prompt's second-to-last position (the last one's logits are sampled)
     runner.forward(ScheduledBatch([ScheduledSeq(scored, 5, 4, True)]))
     assert runner.prompt_logits.spans == [(scored, 5, 8)] and graphs.replays == 1
+    # once its first token came, every position is scored: a recompute (after a preemption) is a plain step
+    scored.prompt_scored = True
+    runner.forward(ScheduledBatch([ScheduledSeq(scored, 0, 9, True)]))
+    assert runner.prompt_logits is None and graphs.replays == 2

@@ -244,8 +244,6 @@ class Executor:
         req.metrics["arrival_proxy"] = item.arrival_time
         req.metrics["arrival_rank0"] = item.rank0_time or time.time()  # the intake thread's clock
         req.generator = self.sampler.generator_for(req)
-        if params.prompt_logprobs is not None:
-            req.prompt_logprobs = [None] * len(req.prompt_token_ids)
         self.requests[rid] = req
         self.scheduler.add(req)
 
@@ -321,8 +319,8 @@ class Executor:
             tokens = step.host_tokens.tolist()
         else:
             tokens, entries, prompt = step.logprobs.unpack(step.host_tokens.tolist())
-            for req, pos, entry in prompt:  # a recomputed position (preemption) gets the same entry again
-                if not req.finished and req.prompt_logprobs is not None:
+            for req, pos, entry in prompt:  # a position recomputed after a preemption keeps its first entry
+                if not req.finished and req.prompt_logprobs is not None and req.prompt_logprobs[pos] is None:
                     req.prompt_logprobs[pos] = entry
         for row, (req, token) in enumerate(zip(step.requests, tokens, strict=True)):
             req.num_pending -= 1
@@ -332,6 +330,7 @@ class Executor:
             if row in entries:
                 req.output_logprobs.append(entries[row])
             if len(req.output_token_ids) == 1:
+                req.prompt_scored = True  # the last prompt chunk's positions came with this token
                 req.stamp("first_token_host")
                 first.append(req.request_id)
             self._check_stop(req, token)
@@ -373,7 +372,7 @@ class Executor:
         if req.params.logprobs is not None:
             delta.logprobs = req.output_logprobs[req.num_published : req.num_published + len(new)]
         if first and req.prompt_logprobs is not None:
-            delta.prompt_logprobs = req.prompt_logprobs
+            delta.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # the delta's alone from now
         req.num_published += len(new)
         delta.first = first
         if first or req.finished:

@@ -36,7 +36,7 @@ class ModelRunner:
         offset = 0
         for seq in batch.seqs:
             req = seq.request
-            if req.params.prompt_logprobs is not None:
+            if req.scores_prompt:
                 prompt = req.prompt_token_ids
                 lo, hi = seq.start_pos, min(seq.start_pos + seq.num_tokens, len(prompt) - 1)
                 if hi > lo:

@@ -64,6 +64,16 @@ class Request:
     penalty_state: Any = None  # the sampler's device rows (counts, prompt mask, bias) for a penalized request
     output_logprobs: list[Any] = field(default_factory=list)  # one entry per output token, when asked
     prompt_logprobs: list[Any] | None = None  # one entry per prompt position (None: not scored yet or first)
+    prompt_scored: bool = False  # every prompt position is scored (its first token came): recomputes skip it
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its steps must return the logits of every prompt position (prompt_logprobs, not all known yet)."""
+        return self.prompt_logprobs is not None and not self.prompt_scored
 
     @property
     def num_tokens(self) -> int:

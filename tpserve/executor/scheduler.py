@@ -75,7 +75,7 @@ class Scheduler:
                 break
             # A request that scores its prompt computes every prompt position: no prefix-cache hits for it.
             cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids,
-                                       use_cache=req.params.prompt_logprobs is None)
+                                       use_cache=not req.scores_prompt)
             if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
                 req.num_cached_tokens = cached
             req.num_computed = cached
