@@ -118,7 +118,9 @@ def test_live_server_refuses_without_the_key_and_serves_with_it(server):
             assert out.usage.completion_tokens == 2
     assert engine_counts(server)[0] == before[0] + 2
     # the keys appear nowhere: not in the log, not in the metrics, not in the workers' environment
-    text = server.log.read_text(errors="replace") + httpx.get(f"{server.url}/metrics").text
+    log = server.log.read_text(errors="replace")
+    assert "2 API key(s) required on /v1/*" in log
+    text = log + httpx.get(f"{server.url}/metrics").text
     assert not any(k in text for k in KEYS)
     workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)]
     assert workers
@@ -141,3 +143,4 @@ def test_serve_flags(monkeypatch):
     assert args.api_key == ["a", "b"] and args.api_key_all_routes
     monkeypatch.delenv("TPSERVE_API_KEY", raising=False)
     assert main(["--api-key-all-routes"]) == 2  # protecting every route with no key would lock everyone out
+    assert main(["--api-key", ""]) == 2  # "--api-key $UNSET" must not start a server open to all

@@ -60,6 +60,9 @@ class GracefulServer(uvicorn.Server):
 
 def serve_main(args: argparse.Namespace) -> int:
     api_keys = keys_from(args.api_key)
+    if args.api_key is not None and not api_keys:  # "--api-key $UNSET" must not serve without a key
+        print("error: --api-key is empty", file=sys.stderr)
+        return 2
     if args.api_key_all_routes and not api_keys:
         print(f"error: --api-key-all-routes needs --api-key or ${ENV_VAR}", file=sys.stderr)
         return 2
@@ -72,6 +75,9 @@ def serve_main(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:g}" for k, v in llm.info.get("startup_stages_s", {}).items() if v >= 0.1)
     print(f"tpserve: engine ready in {llm.startup_s:g} s ({stages or 'no stage over 0.1 s'})", file=sys.stderr,
           flush=True)
+    if api_keys:  # how many, never which
+        where = "every route" if args.api_key_all_routes else "/v1/* (/health and /metrics open)"
+        print(f"tpserve: {len(api_keys)} API key(s) required on {where}", file=sys.stderr, flush=True)
     try:
         app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")),
                          api_keys, args.api_key_all_routes)
