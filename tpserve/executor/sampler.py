@@ -89,8 +89,9 @@ def _entry(block: list[float], k_max: int, k: int) -> LogprobEntry:
 
 
 def logprob_block(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-    """float64 [n, 3 + 2k]: each row's target id, its log-probability and rank (1 + how many tokens are more
-    likely, vLLM's count of ``>=``), then the k most likely ids and their log-probabilities."""
+    """float64 [n, 3 + 2k]: each row's target id, its log-probability and rank (how many tokens are at least as
+    likely, itself included: vLLM's count, 1 for the most likely), then the k most likely ids and their
+    log-probabilities."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     # A row of NaN logits must not make a NaN log-probability, which no wire or JSON carries.
     logprobs = torch.nan_to_num(logprobs, nan=float("-inf"), posinf=0.0)
