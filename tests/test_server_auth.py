@@ -141,6 +141,7 @@ def test_serve_flags(monkeypatch):
     add_serve_args(p)
     args = p.parse_args(["--api-key", "a", "--api-key", "b", "--api-key-all-routes"])
     assert args.api_key == ["a", "b"] and args.api_key_all_routes
+    assert p.parse_args(["--api-key", "a", "b", "--port", "1"]).api_key == ["a", "b"]
     monkeypatch.delenv("TPSERVE_API_KEY", raising=False)
     assert main(["--api-key-all-routes"]) == 2  # protecting every route with no key would lock everyone out
     assert main(["--api-key", ""]) == 2  # "--api-key $UNSET" must not start a server open to all

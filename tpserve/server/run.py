@@ -32,8 +32,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model's name in the API (default: --model as given, as vLLM names it; "
                         "the default model's name without --model)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every /v1/* route (repeat for several keys; "
+    p.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1/* route (several keys: --api-key A B, or "
+                        "repeat the flag; "
                         f"default: the comma-separated keys of ${ENV_VAR}, which keeps them out of the process list)")
     p.add_argument("--api-key-all-routes", action="store_true",
                    help="also require the key on /health and /metrics (open by default, as in vLLM)")
