@@ -105,6 +105,8 @@ def logprob_block(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.
 
 
 class Sampler:
+    """Samples a step's rows (per-row parameters, no host sync) and computes the log-probabilities asked for."""
+
     def __init__(self, device: torch.device, engine_seed: int) -> None:
         self.device = device
         self.engine_seed = engine_seed
@@ -126,7 +128,8 @@ class Sampler:
         return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=pin)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """logits: float32 [S, V] for the requests in order; returns int64 [S] on the device."""
+        """logits: float32 [S, V] for the requests in order (left as they are: the log-probabilities read the
+        raw logits); returns int64 [S] on the device. Greedy rows take the argmax of the adjusted logits."""
         penalized = [i for i, req in enumerate(requests) if req.params.penalized]
         if penalized:
             logits = self.adjusted_logits(logits, requests, penalized)
