@@ -89,5 +89,6 @@ def test_new_fields_roundtrip_through_the_wire_form():
     assert all(not isinstance(v, dict) for v in d.values())  # flat: the wire takes no nested dicts
     assert SamplingParams.from_dict(d) == p
     assert p.penalized and not SamplingParams(min_p=0.5).penalized
+    assert hash(p) == hash(SamplingParams.from_dict(d)) and len({p, SamplingParams.from_dict(d)}) == 1
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams.from_dict({"logit_bias_token_ids": [1, 2], "logit_bias_values": [1.0]})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 INT64_MAX = 2**63 - 1
@@ -106,6 +106,11 @@ class SamplingParams:
                 raise bad("logit_bias", f"values must be numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]")
             out[t] = float(b)
         return out or None
+
+    def __hash__(self) -> int:
+        """Hashable as before ``logit_bias`` (a dict, as in vLLM) joined the fields."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values))
 
     @property
     def penalized(self) -> bool:
