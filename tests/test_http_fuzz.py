@@ -77,15 +77,18 @@ OTHERS = [None, True, False, [], {}, [None], [1, 2**64], [-1], [0, 1], ["x"] * 1
           Raw("[" * 20000 + "]" * 20000), Raw("{" * 3000), list(range(300)), [49156], [49157]]
 VALUES = INTS + FLOATS + STRINGS + OTHERS
 FIELDS = ["model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop", "stop_token_ids",
-          "ignore_eos", "stream", "stream_options", "user"]
+          "ignore_eos", "stream", "stream_options", "user", "presence_penalty", "frequency_penalty",
+          "repetition_penalty", "min_p", "logit_bias"]
 EDGES = {  # valid values at the edges of each range, so that accepted bodies sample in odd ways too
     "max_tokens": [1, 3, 8], "temperature": [0, 1e-6, 1e-5, 0.3, 2.0, 1e4], "top_p": [1e-9, 0.5, 1.0],
     "top_k": [0, 1, 5, 49156, 49157, 10**9, 2**63 - 1], "n": [1, 2, 5], "seed": [0, 7, 2**63 - 1],
     "stop": ["e", ["\n", " "], ["the", "a", "🙂"], "x" * 512], "stop_token_ids": [[0], [2], list(range(16))],
     "ignore_eos": [True], "stream_options": [{"include_usage": True}, {"continuous_usage_stats": True}],
+    "presence_penalty": [-2.0, 0.5, 2], "frequency_penalty": [-2, 0.0, 2.0], "repetition_penalty": [1e-9, 1.2, 10],
+    "min_p": [0, 0.3, 1.0], "logit_bias": [{"0": 100}, {"49156": -100}, {"3": 5, "4": -5.5}, {str(i): 1 for i in range(300)}],
+    "logprobs": [0, 5, 20, True], "top_logprobs": [0, 20], "echo": [True],
 }
-EXTRA_FIELDS = ["logprobs", "top_logprobs", "echo", "best_of", "logit_bias", "suffix", "tools", "presence_penalty",
-                "response_format", "", "\ud800"]
+EXTRA_FIELDS = ["best_of", "suffix", "tools", "response_format", "", "\ud800"]
 
 
 def base(path: str, rng: random.Random) -> dict[str, Any]:
@@ -104,7 +107,8 @@ def mutate(path: str, body: dict[str, Any], rng: random.Random) -> dict[str, Any
     """One to three changes: a field set to a hostile value or to the edge of its range, deleted, or added;
     a message or prompt broken."""
     body = copy.deepcopy(body)
-    own = ["prompt"] if path == COMPLETIONS else ["messages", "max_completion_tokens", "add_generation_prompt"]
+    own = (["prompt", "logprobs", "echo"] if path == COMPLETIONS
+           else ["messages", "max_completion_tokens", "add_generation_prompt", "logprobs", "top_logprobs"])
     for _ in range(rng.randint(1, 3)):
         op = rng.random()
         if op < 0.45:
@@ -161,7 +165,17 @@ def hand_picked(first_greedy: tuple[list[int], int]) -> list[tuple[str, bytes]]:
         {"model": "\ud800"}, {"model": "a\udcffb"}, {"user": "\ud800"}, {"model": None},
         {"stop": None}, {"stop": []}, {"stop": [""]}, {"stop": 7}, {"stop": [7]}, {"stop": {"a": "b"}},
         {"stop": ["\ud800"]}, {"stop": [["x"]]}, {"stop": ["x"] * 17}, {"stop": "y" * 513},
-        {"logprobs": True}, {"logprobs": None}, {"top_logprobs": 5}, {"echo": False},
+        {"logprobs": True}, {"logprobs": None}, {"top_logprobs": 5}, {"echo": False}, {"logprobs": 21},
+        {"logprobs": -1}, {"logprobs": 2**64}, {"logprobs": 20, "top_logprobs": 20}, {"logprobs": True, "top_logprobs": 21},
+        {"echo": True, "max_tokens": 0, "logprobs": 20}, {"echo": True, "max_tokens": 0, "n": 64, "logprobs": 1},
+        {"echo": True, "max_tokens": 0}, {"echo": "yes"}, {"logprobs": 5, "temperature": 1e4, "n": 4},
+        {"logit_bias": {"49157": 1}}, {"logit_bias": {"-1": 1}}, {"logit_bias": {"1.0": 1}}, {"logit_bias": {"": 1}},
+        {"logit_bias": {"\ud800": 1}}, {"logit_bias": {"1": 100.5}}, {"logit_bias": {"1": float("nan")}},
+        {"logit_bias": {str(i): 1 for i in range(301)}}, {"logit_bias": {"0" * 30: 1}}, {"logit_bias": [1]},
+        {"logit_bias": {str(i): -100 for i in range(300)}, "temperature": 1.0},
+        {"presence_penalty": 2.01}, {"frequency_penalty": float("-inf")}, {"repetition_penalty": 0},
+        {"repetition_penalty": 10.5}, {"min_p": -0.1}, {"min_p": 1, "temperature": 1.0},
+        {"presence_penalty": -2, "frequency_penalty": -2, "repetition_penalty": 1e-9, "logprobs": 3},
         {"stream_options": None}, {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
         {"stream_options": {"include_usage": "yes"}},
     ]

@@ -20,8 +20,9 @@ import torch
 from tpserve import wire
 from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.executor import Executor, ExecutorConfig
+from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import RequestDelta
-from tpserve.executor.sampler import Sampler
+from tpserve.executor.sampler import PromptLogits, Sampler
 from tpserve.executor.scheduler import ScheduledBatch, Scheduler
 from tpserve.sampling_params import SamplingParams
 
@@ -51,11 +52,13 @@ def reference(prompt: list[int], params: SamplingParams, eos: tuple[int, ...]) -
 
 
 class FakeRunner:
-    """Writes each scheduled token into its KV slot, then predicts from the slots of the whole sequence."""
+    """Writes each scheduled token into its KV slot, then predicts from the slots of the whole sequence (and,
+    for requests with prompt_logprobs, from the slots up to every prompt position it scores)."""
 
     def __init__(self, blocks: BlockManager) -> None:
         self.blocks = blocks
         self.kv: dict[int, int] = {}
+        self.prompt_logits: PromptLogits | None = None
 
     def forward(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None,
                 prev_rows: dict[int, int] | None = None) -> torch.Tensor:
@@ -73,6 +76,17 @@ class FakeRunner:
                 self.kv[self.blocks.slot(rid, pos)] = token  # raises for a request without blocks
             end = seq.start_pos + seq.num_tokens
             logits[row, next_token([self.kv[self.blocks.slot(rid, p)] for p in range(end)])] = 50.0
+        rows, targets, spans = ModelRunner.prompt_rows(batch)
+        self.prompt_logits = None
+        if rows:
+            extra = torch.zeros(len(rows), VOCAB)
+            row = 0
+            for req, lo, hi in spans:
+                for pos in range(lo, hi):
+                    seen = [self.kv[self.blocks.slot(req.request_id, q)] for q in range(pos + 1)]
+                    extra[row, next_token(seen)] = 50.0
+                    row += 1
+            self.prompt_logits = PromptLogits(extra, torch.tensor(targets), spans)
         return logits
 
 
@@ -135,8 +149,42 @@ def random_params(rng: random.Random, prompt: list[int]) -> SamplingParams:
     ref, _ = reference(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), ())
     stops = [rng.choice(ref)] if rng.random() < 0.5 else []  # any position, the first included
     temperature = rng.choice([0.0, 0.0, 1e-40, 5e-324, 1.0])
+    # Log-probabilities, and penalties and biases too small to move the fake model's argmax (50 above the
+    # rest): they ride through every loop order, preemption and abort without changing a token.
+    extras: dict = {}
+    if rng.random() < 0.2:
+        extras = {"presence_penalty": rng.uniform(-2, 2), "frequency_penalty": rng.uniform(-2, 2),
+                  "repetition_penalty": rng.choice([1.0, 0.5, 3.0]), "min_p": rng.choice([0.0, 0.2]),
+                  "logit_bias": {rng.randrange(VOCAB): rng.uniform(-5, 5)}}
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stops,
-                          ignore_eos=rng.random() < 0.5, seed=rng.choice([None, 7]))
+                          ignore_eos=rng.random() < 0.5, seed=rng.choice([None, 7]),
+                          logprobs=rng.choice([None] * 4 + [0, 3]), prompt_logprobs=rng.choice([None] * 4 + [0, 2]),
+                          **extras)
+
+
+def check_logprobs(label: str, life: Life, tokens: list[int]) -> None:
+    """Each token's entry: the chosen token first with rank 1, then the top k (the fake model's argmax is the
+    token); the prompt's entries score each prompt token against the fake model's prediction."""
+    p = life.params
+    entries = [e for c in life.chunks for e in (c.logprobs or [])]
+    if p.logprobs is None:
+        assert not entries, label
+    else:
+        assert len(entries) == len(tokens), label
+        for token, entry in zip(tokens, entries, strict=True):
+            assert len(entry) == 1 + p.logprobs and entry[0][0] == token and entry[0][2] == 1, (label, entry)
+            assert all(e[0] == token for e in entry[1:2]), (label, entry)
+    given = [c.prompt_logprobs for c in life.chunks if c.prompt_logprobs is not None]
+    if p.prompt_logprobs is None or not tokens:
+        assert not given, label
+        return
+    assert len(given) == 1 and len(given[0]) == len(life.prompt) and given[0][0] is None, label
+    for j in range(1, len(life.prompt)):
+        entry = given[0][j]
+        predicted = next_token(life.prompt[:j])
+        assert entry[0][0] == life.prompt[j], (label, j, entry)
+        assert entry[0][2] == (1 if life.prompt[j] == predicted else VOCAB), (label, j, entry)
+        assert len(entry) == 1 + p.prompt_logprobs and all(e[0] == predicted for e in entry[1:2]), (label, entry)
 
 
 def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> int:
@@ -195,6 +243,7 @@ def run_workload(seed: int, mode: str, interval: int, gpu_order: bool) -> int:
                     assert tokens == ref, label
             else:
                 assert (tokens, end.finish_reason) == (ref, reason), label
+            check_logprobs(label, life, tokens)
             if not life.stream:
                 assert len(life.chunks) == 1, label
             elif tokens and end.finish_reason != "abort":

@@ -62,3 +62,33 @@ def test_tiny_temperatures_are_greedy(temperature):
 def test_from_dict_rejects_what_is_not_a_dict(bad):
     with pytest.raises(ValueError, match="expected a dict"):
         SamplingParams.from_dict(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"logprobs": True}, "logprobs"),
+        ({"prompt_logprobs": 2**64}, "prompt_logprobs"), ({"prompt_logprobs": 1.0}, "prompt_logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"), ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"frequency_penalty": -10**400}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": 11}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"),
+        ({"logit_bias": {1: 101}}, "logit_bias"), ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 1}}, "logit_bias"), ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias"),
+        ({"logit_bias": [(1, 2)]}, "logit_bias"), ({"logit_bias": {1: float("inf")}}, "logit_bias"),
+    ],
+)
+def test_new_fields_are_bounded(kwargs, field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field}"):
+        SamplingParams(**kwargs)
+
+
+def test_new_fields_roundtrip_through_the_wire_form():
+    p = SamplingParams(logprobs=0, prompt_logprobs=20, presence_penalty=-2, frequency_penalty=1.5,
+                       repetition_penalty=1.2, min_p=0.05, logit_bias={5: -100, 7: 2.5})
+    d = p.to_dict()
+    assert all(not isinstance(v, dict) for v in d.values())  # flat: the wire takes no nested dicts
+    assert SamplingParams.from_dict(d) == p
+    assert p.penalized and not SamplingParams(min_p=0.5).penalized
+    assert hash(p) == hash(SamplingParams.from_dict(d)) and len({p, SamplingParams.from_dict(d)}) == 1
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams.from_dict({"logit_bias_token_ids": [1, 2], "logit_bias_values": [1.0]})

@@ -54,3 +54,29 @@ def test_decodes_come_first_and_chunks_stay_capped():
 def test_a_step_budget_below_the_batch_is_refused():
     with pytest.raises(ValueError, match="max_num_tokens=4 is below max_batch_size=8"):
         Scheduler(BlockManager(10, 4), max_batch_size=8, max_num_tokens=4)
+
+
+def test_prompt_scoring_requests_share_a_bounded_number_of_positions_per_step():
+    """prompt_logprobs brings a row of logits per scored position: such chunks share SCORED_TOKENS_PER_STEP a
+    step, take nothing from the prefix cache, and plain requests beside them are not held back."""
+    from tpserve.executor.scheduler import SCORED_TOKENS_PER_STEP
+
+    blocks = BlockManager(400, 16)
+    scheduler = Scheduler(blocks, max_batch_size=8, max_num_tokens=2048)
+    warm = request(9, 700)  # puts its prompt's blocks in the prefix cache
+    scheduler.add(warm)
+    scheduler.schedule()
+    scheduler.remove(warm)
+    scored = [Request(i, [14] * 700, SamplingParams(max_tokens=4, prompt_logprobs=1), False) for i in (1, 2)]
+    plain = request(3, 300)
+    for r in (*scored, plain):
+        scheduler.add(r)
+    seen = []
+    while any(r.num_computed < 700 for r in scored):
+        batch = scheduler.schedule()
+        assert batch.seqs, "a step with nothing in it"
+        seen.append([(s.request.request_id, s.num_tokens) for s in batch.seqs])
+        assert sum(s.num_tokens for s in batch.seqs if s.request.scores_prompt) <= SCORED_TOKENS_PER_STEP, seen
+    assert seen[0] == [(1, 512), (3, 300)]  # the plain one is not held back; the second scored one waits
+    assert all(r.num_cached_tokens == 0 for r in scored)
+    assert plain.num_computed == 300

@@ -416,7 +416,10 @@ BAD_BODIES = [
     ("/v1/completions", b'{"prompt": "x", "top_p": 0}', J, 400, "top_p"),
     ("/v1/completions", b'{"prompt": "x", "seed": -3}', J, 400, "seed"),
     ("/v1/completions", b'{"prompt": "x", "stream": "yes"}', J, 400, "stream"),
-    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 1}}', J, 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"5": 101}}', J, 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"49157": 1}}', J, 400, "logit_bias"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', J, 400, "max_tokens"),  # 0 only with echo
+    ("/v1/completions", b'{"prompt": "x", "best_of": 2}', J, 400, "best_of"),
     ("/v1/completions", b'{"prompt": "x", "stream_options": {"bogus": true}}', J, 400, "stream_options"),
     ("/v1/completions", b'{"prompt": "x", "stop": 7}', J, 400, "stop"),
     ("/v1/completions", json.dumps({"prompt": "x", "stop": ["y" * 513]}).encode(), J, 400, "stop"),

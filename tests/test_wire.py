@@ -385,3 +385,18 @@ def test_rank0_frames_stay_in_order_when_the_proxy_stalls():
     finally:
         io.close(timeout=2)
         client.close()
+
+
+def test_delta_log_probabilities_are_checked():
+    """A delta's log-probabilities: [[token_id, logprob, rank], ...] per position, None for a prompt's first."""
+    good = {"request_id": 1, "token_ids": [3], "finished": False, "finish_reason": None, "error": None,
+            "metrics": {}, "num_cached_tokens": None, "logprobs": [[[3, -0.5, 1], [4, -1.5, 2]]],
+            "prompt_logprobs": [None, [[9, -2.0, 7]]]}
+    msg = wire.build("outputs", {"deltas": [good], "stats": None})
+    assert msg.deltas[0]["logprobs"] == good["logprobs"] and msg.deltas[0]["prompt_logprobs"] == good["prompt_logprobs"]
+    old = {k: v for k, v in good.items() if k not in ("logprobs", "prompt_logprobs")}
+    assert wire.build("outputs", {"deltas": [old], "stats": None}).deltas[0]["logprobs"] is None
+    for bad in ([[[3, 0.5, 1]]], [[[3, float("nan"), 1]]], [[[3, -1.0, 0]]], [[[-3, -1.0, 1]]], [[[3, -1, 1]]],
+                [[[3, -1.0]]], [[]], [[[3, -1.0, 1]] * 22], "x", [None] * 2 + [5]):
+        with pytest.raises(wire.Invalid):
+            wire.build("outputs", {"deltas": [good | {"logprobs": bad}], "stats": None})

@@ -4,7 +4,8 @@ on the engine's side (anything can arrive on the wire)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 INT64_MAX = 2**63 - 1
@@ -13,6 +14,11 @@ MAX_STOP_TOKEN_IDS = 1024
 # Below this a temperature only sharpens the distribution to its argmax, and dividing logits by it overflows
 # float32 to inf (then NaN probabilities): such temperatures are greedy, as in vLLM.
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # top log-probabilities per position (OpenAI's and vLLM's default bound)
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+LOGIT_BIAS_RANGE = 100.0
+PENALTY_RANGE = 2.0  # presence and frequency penalties, OpenAI's [-2, 2]
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,16 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # Log-probabilities (vLLM's names): the chosen token's plus the k most likely, from the raw distribution.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Penalties and biases, applied in vLLM's order: logit_bias, repetition, frequency, presence; then
+    # temperature, min_p, top-k, top-p.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -56,6 +72,51 @@ class SamplingParams:
         object.__setattr__(self, "top_p", float(self.top_p))
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a bool")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -PENALTY_RANGE <= _float(v) <= PENALTY_RANGE:
+                raise bad(name, f"must be a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]")
+            object.__setattr__(self, name, float(v))
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0.0 < _float(rp) <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be a number in (0, {MAX_REPETITION_PENALTY:g}] (1 disables it)")
+        object.__setattr__(self, "repetition_penalty", float(rp))
+        if not _is_number(self.min_p) or not 0.0 <= _float(self.min_p) <= 1.0:
+            raise bad("min_p", "must be a number in [0, 1]")
+        object.__setattr__(self, "min_p", float(self.min_p))
+        object.__setattr__(self, "logit_bias", self._checked_bias(bad))
+
+    def _checked_bias(self, bad: Callable[[str, str], ValueError]) -> dict[int, float] | None:
+        bias = self.logit_bias
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise bad("logit_bias", "must be a dict {token_id: bias}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries")
+        out: dict[int, float] = {}
+        for t, b in bias.items():
+            if not _is_int(t) or not 0 <= t <= MAX_TOKEN_ID:
+                raise bad("logit_bias", f"keys must be integer token ids in [0, {MAX_TOKEN_ID}]")
+            if not _is_number(b) or not -LOGIT_BIAS_RANGE <= _float(b) <= LOGIT_BIAS_RANGE:
+                raise bad("logit_bias", f"values must be numbers in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]")
+            out[t] = float(b)
+        return out or None
+
+    def __hash__(self) -> int:
+        """Hashable as before ``logit_bias`` (a dict, as in vLLM) joined the fields."""
+        values = (getattr(self, f.name) for f in fields(self))
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the sampler changes this row's logits before sampling (bias or a penalty)."""
+        return (self.logit_bias is not None or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +125,10 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        # The wire holds flat lists only (and string keys): the bias travels as two lists.
+        bias = d.pop("logit_bias") or {}
+        d["logit_bias_token_ids"] = list(bias)
+        d["logit_bias_values"] = list(bias.values())
         return d
 
     @classmethod
@@ -72,6 +137,15 @@ class SamplingParams:
         if not isinstance(d, dict):
             raise ValueError(f"SamplingParams: expected a dict, got {type(d).__name__}")
         known = {k: v for k, v in d.items() if isinstance(k, str) and k in cls.__dataclass_fields__}
+        ids, values = d.get("logit_bias_token_ids"), d.get("logit_bias_values")
+        if ids or values:
+            if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values):
+                raise ValueError("SamplingParams.logit_bias: token ids and values must be lists of one length")
+            if len(ids) > MAX_LOGIT_BIAS:
+                raise ValueError(f"SamplingParams.logit_bias: at most {MAX_LOGIT_BIAS} entries")
+            if not all(_is_int(t) for t in ids):
+                raise ValueError("SamplingParams.logit_bias: keys must be integer token ids")
+            known["logit_bias"] = dict(zip(ids, values, strict=True))
         return cls(**known)
 
 

@@ -133,7 +133,7 @@ class Goodbye(Message):
 def error_delta(request_id: int, why: str) -> dict[str, Any]:
     """The delta that ends one request with an error, in the executor's ``RequestDelta`` form."""
     return {"request_id": request_id, "token_ids": [], "finished": True, "finish_reason": "error", "error": why,
-            "metrics": {}, "num_cached_tokens": None}
+            "metrics": {}, "num_cached_tokens": None, "logprobs": None, "prompt_logprobs": None}
 
 
 # -- schemas: every field of every kind is checked, and messages are rebuilt from checked values only -----
@@ -238,6 +238,40 @@ DELTA_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+MAX_LOGPROB_ENTRY = 21  # the chosen token and up to 20 most likely (SamplingParams.MAX_LOGPROBS)
+
+
+def _logprob_entry(v: Any) -> list[list[Any]]:
+    """[[token_id, logprob, rank], ...]: the chosen token first, then the top k."""
+    if type(v) is not list or not 1 <= len(v) <= MAX_LOGPROB_ENTRY:
+        raise ValueError(f"log-probability entry {_show(v)} is not a list of 1 to {MAX_LOGPROB_ENTRY}")
+    out = []
+    for item in v:
+        if type(item) is not list or len(item) != 3:
+            raise ValueError(f"log-probability {_show(item)} is not [token_id, logprob, rank]")
+        token, logprob, rank = item
+        if type(token) is not int or not 0 <= token < TOKEN_ID_LIMIT or type(rank) is not int or rank < 1:
+            raise ValueError(f"log-probability {_show(item)} has a bad token id or rank")
+        if type(logprob) is not float or math.isnan(logprob) or logprob > 0.0:
+            raise ValueError(f"log-probability {_show(logprob)} is not a float <= 0")
+        out.append([token, logprob, rank])
+    return out
+
+
+def _opt_logprobs(v: Any) -> list[Any] | None:
+    """None, or one entry (or None: a prompt's first token) per position."""
+    if v is None:
+        return None
+    if type(v) is not list:
+        raise ValueError(f"{_show(v)} is not a list of log-probability entries")
+    return [None if e is None else _logprob_entry(e) for e in v]
+
+
+OPTIONAL_DELTA_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "logprobs": _opt_logprobs, "prompt_logprobs": _opt_logprobs,
+}
+
+
 def _deltas(v: Any) -> list[dict[str, Any]]:
     if type(v) is not list:
         raise ValueError(f"{_show(v)} is not a list of deltas")
@@ -249,7 +283,9 @@ def _deltas(v: Any) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"delta lacks {sorted(missing)}")
         try:
-            out.append({name: check(d[name]) for name, check in DELTA_FIELDS.items()})
+            checked = {name: check(d[name]) for name, check in DELTA_FIELDS.items()}
+            checked |= {name: check(d.get(name)) for name, check in OPTIONAL_DELTA_FIELDS.items()}
+            out.append(checked)
         except ValueError as e:
             raise ValueError(f"delta of request {_show(d['request_id'])}: {e}") from None
     return out

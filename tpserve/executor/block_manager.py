@@ -85,13 +85,14 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def admit(self, seq_id: int, token_ids: Sequence[int]) -> int:
+    def admit(self, seq_id: int, token_ids: Sequence[int], use_cache: bool = True) -> int:
         """Creates seq_id's table from the longest cached chain of full blocks matching token_ids, leaving at
-        least one token to compute (its logits are needed); returns the number of cached tokens."""
+        least one token to compute (its logits are needed); returns the number of cached tokens.
+        ``use_cache=False``: an empty table (the sequence needs the logits of every position)."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} already has a block table")
         seq = self._seqs[seq_id] = _Seq()
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not use_cache:
             return 0
         bs = self.block_size
         for i in range((len(token_ids) - 1) // bs):

@@ -31,7 +31,7 @@ from tpserve import wire
 from tpserve.executor.instrument import Instruments
 from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import Request, RequestDelta
-from tpserve.executor.sampler import Sampler
+from tpserve.executor.sampler import LogprobPlan, PromptLogits, Sampler
 from tpserve.executor.scheduler import ScheduledBatch, Scheduler
 from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import Watchdog, phase_timer, trace
@@ -63,6 +63,9 @@ class InFlight:
     event: torch.cuda.Event | None
     rows: dict[int, int] = field(default_factory=dict)  # request_id -> row in ``tokens``
     has_first_tokens: bool = False  # some request gets its first token from this step
+    # Where the step's log-probabilities sit in ``host_tokens`` (then float64: ids and log-probabilities in one
+    # copy); None when nothing asked (``host_tokens`` holds the ids alone).
+    logprobs: LogprobPlan | None = None
 
     def ready(self) -> bool:
         """Whether the host copy is complete, without waiting (always on CPU, where it is synchronous)."""
@@ -251,6 +254,9 @@ class Executor:
         for i, t in enumerate(prompt):
             if not isinstance(t, int) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token id {t!r} at position {i} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
         if len(prompt) + params.max_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt length {len(prompt)} + max_tokens {params.max_tokens} exceeds "
@@ -278,15 +284,22 @@ class Executor:
             index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=pin)
             logits = logits.index_select(0, index)
         tokens = self.sampler.sample(logits, requests)
-        host = torch.empty(len(rows), dtype=torch.long, pin_memory=pin)
-        host.copy_(tokens, non_blocking=pin)
+        prompt: PromptLogits | None = getattr(self.runner, "prompt_logits", None)  # this step's, set by forward
+        plan = self.sampler.logprob_plan(requests, prompt)
+        if plan is None:
+            host = torch.empty(len(rows), dtype=torch.long, pin_memory=pin)
+            host.copy_(tokens, non_blocking=pin)
+        else:  # the ids and the log-probabilities (of the raw logits) in one copy
+            packed = self.sampler.pack(plan, logits, tokens, prompt)
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=pin)
+            host.copy_(packed, non_blocking=pin)
         event = self.new_event()
         has_first = any(not r.output_token_ids for r in requests)
         for req in requests:
             req.num_pending += 1
         self._log("sample_launch", rids=lambda: [r.request_id for r in requests])
         return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)},
-                        has_first)
+                        has_first, plan)
 
     def _new_event(self) -> torch.cuda.Event | None:
         """Marks the end of a step's host copy on the device's stream (None on CPU: the copy is synchronous)."""
@@ -301,12 +314,23 @@ class Executor:
         if step.event is not None:
             step.event.synchronize()
         first: list[int] = []
-        for req, token in zip(step.requests, step.host_tokens.tolist(), strict=True):
+        entries: dict = {}
+        if step.logprobs is None:
+            tokens = step.host_tokens.tolist()
+        else:
+            tokens, entries, prompt = step.logprobs.unpack(step.host_tokens.tolist())
+            for req, pos, entry in prompt:  # a position recomputed after a preemption keeps its first entry
+                if not req.finished and req.prompt_logprobs is not None and req.prompt_logprobs[pos] is None:
+                    req.prompt_logprobs[pos] = entry
+        for row, (req, token) in enumerate(zip(step.requests, tokens, strict=True)):
             req.num_pending -= 1
             if req.finished:  # stopped (or aborted) before this step's token was known: drop it
                 continue
             req.output_token_ids.append(token)
+            if row in entries:
+                req.output_logprobs.append(entries[row])
             if len(req.output_token_ids) == 1:
+                req.prompt_scored = True  # the last prompt chunk's positions came with this token
                 req.stamp("first_token_host")
                 first.append(req.request_id)
             self._check_stop(req, token)
@@ -343,9 +367,13 @@ class Executor:
             if req.num_published > 0 and len(new) < self.config.stream_interval:
                 return None
         first = req.num_published == 0 and bool(new)
-        req.num_published += len(new)
         delta = RequestDelta(req.request_id, new, req.finished, req.finish_reason if req.finished else None,
                              req.error)
+        if req.params.logprobs is not None:
+            delta.logprobs = req.output_logprobs[req.num_published : req.num_published + len(new)]
+        if first and req.prompt_logprobs is not None:
+            delta.prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # the delta's alone from now
+        req.num_published += len(new)
         delta.first = first
         if first or req.finished:
             delta.metrics = dict(req.metrics)

@@ -126,8 +126,9 @@ class Debug(Instruments):
         summary = [[d.request_id, d.token_ids, d.finished, d.finish_reason] for d in deltas]
         self.on_event(iteration, "publish", point=point, deltas=summary,
                       first=[d.request_id for d in deltas if d.first])
-        if self.checker:
-            self.checker(f"{point} publish", iteration, summary)
+        if self.checker:  # log-probabilities too: bit-identical on every rank, like the tokens
+            checked = [[*s, d.logprobs, d.prompt_logprobs] for s, d in zip(summary, deltas, strict=True)]
+            self.checker(f"{point} publish", iteration, checked)
         return deltas
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Turns a scheduled batch into model inputs (token ids and the paged-attention metadata, one packed copy)
 and runs the forward pass of this rank's shard: a CUDA graph replay when graphs are captured (decode and
-prompt steps alike), eagerly otherwise."""
+prompt steps alike), eagerly otherwise. A step that scores prompt positions (``prompt_logprobs``) needs the logits
+of every such position, which the graphs do not return: it runs eagerly."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.cuda_graphs import CudaGraphs
+from tpserve.executor.sampler import PromptLogits
 from tpserve.executor.scheduler import ScheduledBatch
 from tpserve.model import AttentionMetadata, KVCache, LlamaForCausalLM
 
@@ -20,6 +22,29 @@ class ModelRunner:
         self.blocks = blocks
         self.device = device
         self.graphs = graphs
+        # The last forward's logits of the prompt positions it scored (prompt_logprobs), or None: read by the
+        # executor when it launches that step's sampling.
+        self.prompt_logits: PromptLogits | None = None
+
+    @staticmethod
+    def prompt_rows(batch: ScheduledBatch) -> tuple[list[int], list[int], list[tuple]]:
+        """The new tokens whose logits score a prompt token (row in the step, the prompt token it predicts),
+        and the (request, first position, end position) spans they belong to."""
+        rows: list[int] = []
+        targets: list[int] = []
+        spans: list[tuple] = []
+        offset = 0
+        for seq in batch.seqs:
+            req = seq.request
+            if req.scores_prompt:
+                prompt = req.prompt_token_ids
+                lo, hi = seq.start_pos, min(seq.start_pos + seq.num_tokens, len(prompt) - 1)
+                if hi > lo:
+                    rows.extend(range(offset, offset + hi - lo))
+                    targets.extend(prompt[lo + 1 : hi + 1])
+                    spans.append((req, lo, hi))
+            offset += seq.num_tokens
+        return rows, targets, spans
 
     @torch.inference_mode()
     def forward(
@@ -46,7 +71,9 @@ class ModelRunner:
                 assert prev_rows is not None and prev_tokens is not None
                 from_device.append((len(ids), prev_rows[req.request_id]))
                 ids.append(0)
-        key = self.graphs.pick(batch) if self.graphs is not None else None
+        self.prompt_logits = None
+        rows, targets, spans = self.prompt_rows(batch)
+        key = self.graphs.pick(batch) if self.graphs is not None and not rows else None
         if key is not None:
             return self.graphs.run(key, batch, ids, from_device, prev_tokens)
         meta, positions = AttentionMetadata.build(
@@ -63,4 +90,10 @@ class ModelRunner:
             pin = self.device.type == "cuda"
             index = torch.tensor(from_device, dtype=torch.long, pin_memory=pin).to(self.device, non_blocking=pin)
             input_ids.index_copy_(0, index[:, 0], prev_tokens.index_select(0, index[:, 1]).int())
-        return self.model(input_ids, positions, meta, self.kv)
+        if not rows:
+            return self.model(input_ids, positions, meta, self.kv)
+        pin = self.device.type == "cuda"
+        extra = torch.tensor([rows, targets], dtype=torch.long, pin_memory=pin).to(self.device, non_blocking=pin)
+        logits, prompt_logits = self.model(input_ids, positions, meta, self.kv, extra_rows=extra[0])
+        self.prompt_logits = PromptLogits(prompt_logits, extra[1], spans)
+        return logits

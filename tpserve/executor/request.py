@@ -23,6 +23,9 @@ class RequestDelta:
     metrics: dict[str, float] = field(default_factory=dict)
     first: bool = False  # carries the request's first token
     num_cached_tokens: int | None = None  # sent with the first response
+    # One entry per token of ``token_ids`` ([[id, logprob, rank], ...], the chosen token first) when asked.
+    logprobs: list[Any] | None = None
+    prompt_logprobs: list[Any] | None = None  # one per prompt token (None for the first), with the first token
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,6 +36,8 @@ class RequestDelta:
             "error": self.error,
             "metrics": self.metrics,
             "num_cached_tokens": self.num_cached_tokens,
+            "logprobs": self.logprobs,
+            "prompt_logprobs": self.prompt_logprobs,
         }
 
 
@@ -56,6 +61,19 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     ended: bool = False  # the final response is decided (published or queued): nothing follows it
+    penalty_state: Any = None  # the sampler's device rows (counts, prompt mask, bias) for a penalized request
+    output_logprobs: list[Any] = field(default_factory=list)  # one entry per output token, when asked
+    prompt_logprobs: list[Any] | None = None  # one entry per prompt position (None: not scored yet or first)
+    prompt_scored: bool = False  # every prompt position is scored (its first token came): recomputes skip it
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its steps must return the logits of every prompt position (prompt_logprobs, not all known yet)."""
+        return self.prompt_logprobs is not None and not self.prompt_scored
 
     @property
     def num_tokens(self) -> int:

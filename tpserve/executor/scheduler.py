@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.request import Request
 
+# Prompt positions one step scores (prompt_logprobs), all its requests together: each brings a row of float32
+# logits and of log-probabilities, 1.2 MB at a 150k vocabulary, which the start-up memory profile never saw.
+SCORED_TOKENS_PER_STEP = 512
+
 
 @dataclass(slots=True)
 class ScheduledSeq:
@@ -55,6 +59,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         self.budget = self.max_num_tokens
+        self.scored_budget = SCORED_TOKENS_PER_STEP
         self.seqs: list[ScheduledSeq] = []
         decodes, chunks = [], []
         for r in self.running:
@@ -67,17 +72,24 @@ class Scheduler:
             if self.budget > 0 and req in self.running and not self._done_soon(req):
                 self._run(req, 1)
         for req in chunks:  # a request preempted above is no longer running: skipped
-            if self.budget > 0 and req in self.running:
-                self._run(req, min(req.num_tokens - req.num_computed, self.max_chunk_tokens))
+            want = min(req.num_tokens - req.num_computed, self._chunk_cap(req))
+            if self.budget > 0 and want > 0 and req in self.running:
+                self._run(req, want)
+        held: list[Request] = []  # prompt scorers waiting for next step's scoring budget: others may pass
         while self.waiting and self.budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             if req.num_pending:  # preempted with a token still on the device: resume once it is known
                 break
-            cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids)
+            if req.scores_prompt and self._chunk_cap(req) == 0:
+                held.append(self.waiting.popleft())
+                continue
+            # A request that scores its prompt computes every prompt position: no prefix-cache hits for it.
+            cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids,
+                                       use_cache=not req.scores_prompt)
             if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
                 req.num_cached_tokens = cached
             req.num_computed = cached
-            n = self._fit(req, min(req.num_tokens - cached, self.max_chunk_tokens))
+            n = self._fit(req, min(req.num_tokens - cached, self._chunk_cap(req)))
             if n == 0:
                 self.blocks.free(req.request_id)
                 req.num_computed = 0
@@ -85,10 +97,16 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(req)
             self._take(req, n)
+        self.waiting.extendleft(reversed(held))  # back at the head, in their order
         batch = ScheduledBatch(self.seqs)
         for seq in batch.seqs:
             self._cache(seq.request)
         return batch
+
+    def _chunk_cap(self, req: Request) -> int:
+        """A request that scores its prompt brings the logits of every position of its chunk: such chunks share
+        ``SCORED_TOKENS_PER_STEP`` per step (0 left: it waits for the next step)."""
+        return max(min(self.max_chunk_tokens, self.scored_budget), 0) if req.scores_prompt else self.max_chunk_tokens
 
     @staticmethod
     def _done_soon(req: Request) -> bool:
@@ -125,6 +143,8 @@ class Scheduler:
         start = req.num_computed
         req.num_computed += n
         self.budget -= n
+        if req.scores_prompt:
+            self.scored_budget -= n
         self.seqs.append(ScheduledSeq(req, start, n, samples=req.num_computed == req.num_tokens))
 
     def _cache(self, req: Request) -> None:

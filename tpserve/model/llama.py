@@ -207,24 +207,34 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
-        logits_out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        logits_out: torch.Tensor | None = None, extra_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Returns float32 logits [S, vocab_size] for the last new token of each sequence, identical on every rank.
         ``logits_out`` [S, vocab_size] float32, when given, receives them (the CUDA graphs' one shared output,
-        written by the cast that would otherwise allocate a new tensor)."""
+        written by the cast that would otherwise allocate a new tensor). ``extra_rows`` (int64 [P], indices of
+        new tokens), when given, also asks for those tokens' logits: the answer is then ``(logits, extra)``
+        (prompt log-probabilities score every prompt position)."""
+        rows = meta.last_token_index
+        if extra_rows is not None:
+            rows = torch.cat([rows.long(), extra_rows.long()])
         if self.cos_sin is not None:
-            h = self._hidden_fused(input_ids, positions, meta, kv)
+            h = self._hidden_fused(input_ids, positions, meta, kv, rows)
         else:
             x = self.model.embed_tokens(input_ids)
             rope = self.rotary(positions, x.dtype)
             for layer in self.model.layers:
                 x = layer(x, rope, meta, kv)
-            h = self.model.norm(x[meta.last_token_index])
+            h = self.model.norm(x[rows])
         logits = self.lm_head(h)
+        if extra_rows is not None:
+            logits = logits.float()
+            num_seqs = meta.last_token_index.shape[0]
+            return logits[:num_seqs], logits[num_seqs:]
         return logits.float() if logits_out is None else logits_out.copy_(logits)
 
     def _hidden_fused(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+        last: torch.Tensor,
     ) -> torch.Tensor:
         """The same math with each residual add fused into the norm that follows it (vLLM's layout)."""
         layers = self.model.layers
@@ -237,6 +247,7 @@ class LlamaForCausalLM(nn.Module):
             mlp = layer.mlp.down_proj(kernels.silu_and_mul(layer.mlp.gate_up_proj(h)))
             if i + 1 < len(layers):
                 h, residual = kernels.add_rmsnorm(mlp, residual, layers[i + 1].input_layernorm.weight, eps)
-        last = meta.last_token_index  # the final add and norm only for the rows the LM head reads
+        # The final add and norm only for the rows the LM head reads (``last``: the last new tokens, and the
+        # prompt positions scored when asked).
         h, _ = kernels.add_rmsnorm(mlp[last], residual[last], self.model.norm.weight, eps)
         return h

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+# vLLM's shape: one dict per position, {token_id: (logprob, rank)}, holding the chosen token and the top k
+# (ranks 1-based; the chosen token's rank counts the tokens at least as likely as it).
+Logprobs = dict[int, tuple[float, int]]
+
+
+def logprobs_dict(entry: list[Any]) -> Logprobs:
+    """The wire's [[token_id, logprob, rank], ...] (chosen token first) as vLLM's dict, chosen token first."""
+    out: Logprobs = {}
+    for token, logprob, rank in entry:
+        out.setdefault(int(token), (float(logprob), int(rank)))
+    return out
 
 
 @dataclass
@@ -36,6 +49,7 @@ class StreamChunk:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[Logprobs] | None = None  # one per token of this chunk, when asked
 
 
 @dataclass
@@ -50,3 +64,6 @@ class RequestOutput:
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # SamplingParams.logprobs: one dict per generated token; prompt_logprobs: one per prompt token, None first.
+    logprobs: list[Logprobs] | None = None
+    prompt_logprobs: list[Logprobs | None] | None = None

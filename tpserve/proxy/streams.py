@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from tpserve.proxy.outputs import RequestOutput, StreamChunk
+from tpserve.proxy.outputs import RequestOutput, StreamChunk, logprobs_dict
 from tpserve.proxy.tokenizer import IncrementalDetokenizer
 
 WAIT_SLICE_S = 0.5
@@ -62,6 +62,15 @@ class RequestStream:
         out.token_ids.extend(ids)
         out.text += text
         chunk = StreamChunk(out.request_id, ids, text, finished, delta.get("finish_reason"), delta.get("error"))
+        prompt_logprobs = delta.get("prompt_logprobs")
+        if prompt_logprobs is not None:
+            out.prompt_logprobs = [None if e is None else logprobs_dict(e) for e in prompt_logprobs]
+        logprobs = delta.get("logprobs")
+        if logprobs is not None:
+            chunk.logprobs = [logprobs_dict(e) for e in logprobs]
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.extend(chunk.logprobs)
         if finished:
             out.finish_reason = chunk.finish_reason
             out.error = chunk.error

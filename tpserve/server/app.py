@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from tpserve.proxy.llm import LLM
+from tpserve.server.auth import APIKeyAuth
 from tpserve.server.http import BodyLimit, UTF8Route
 from tpserve.server.protocol import (
     APIError,
@@ -30,12 +31,17 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body().model_dump(), status_code=e.status)
 
 
-def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``llm``; ``app.state.server`` is its ``OpenAIServer``."""
+def create_app(llm: LLM, model_name: str | None = None, api_keys: list[str] | None = None,
+               api_key_all_routes: bool = False) -> FastAPI:
+    """The FastAPI app serving ``llm``; ``app.state.server`` is its ``OpenAIServer``. With ``api_keys``, every
+    ``/v1/*`` route (every route with ``api_key_all_routes``) needs ``Authorization: Bearer`` one of them."""
     server = OpenAIServer(llm, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
     app.router.route_class = UTF8Route
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    if api_keys:  # added last: the outermost layer, before the body is read or a route is found
+        app.add_middleware(APIKeyAuth, keys=api_keys, all_routes=api_key_all_routes,
+                           on_refused=server.metrics.unauthorized.inc)
     app.state.server = server
 
     def rejected(request: Request, e: APIError) -> JSONResponse:

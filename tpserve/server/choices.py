@@ -34,6 +34,12 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     observed: bool = False  # its outcome is in the metrics
+    # max_tokens 0 (echo only): the engine computes one token, which is neither sent nor counted.
+    hidden: bool = False
+    echo: str | None = None  # the prompt's text, sent before the first delta (completions' echo)
+    echo_sent: bool = False
+    logprobs_sent: int = 0  # tokens whose log-probabilities went to the client
+    text_offset: int = 0  # characters of the token texts sent with log-probabilities (text_offset)
 
     @property
     def text(self) -> str:
@@ -52,6 +58,14 @@ class Choice:
     def cached_tokens(self) -> int:
         return self.stream.output.num_cached_tokens
 
+    def take_logprobs(self) -> tuple[list[int], list]:
+        """The tokens taken whose log-probabilities were not sent yet, with their entries."""
+        out = self.stream.output
+        entries = out.logprobs or []
+        end = min(self.tokens, len(entries))
+        start, self.logprobs_sent = self.logprobs_sent, max(end, self.logprobs_sent)
+        return out.token_ids[start:end], entries[start:end]
+
     def token_chunks(self) -> tuple[list[float], list[int]]:
         """Receipt times and token counts of the chunks taken that carried tokens."""
         times: list[float] = []
@@ -67,6 +81,13 @@ class Choice:
     async def deltas(self) -> AsyncIterator[str]:
         """Text to send, chunk by chunk (never empty unless final); ``finish_reason`` is set at the end."""
         async for chunk in self.stream:
+            if self.hidden:  # the prompt was all that was asked for
+                if chunk.finished:
+                    self.finish_reason = "length" if chunk.finish_reason in ("stop", "length") else chunk.finish_reason
+                    self.error = chunk.error
+                    yield ""
+                    return
+                continue
             self.token_marks.append(self.tokens + len(chunk.token_ids))
             text = self.stop.add(chunk.text, chunk.finished)
             if self.stop.stopped:

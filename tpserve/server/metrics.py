@@ -56,6 +56,8 @@ class ServerMetrics:
                                 ["outcome"], registry=r)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # every series exists from the start, so rates work at once
+        self.unauthorized = Counter("tpserve_unauthorized_requests",
+                                    "Requests refused with 401 for a missing or wrong API key.", registry=r)
         self.prompt_tokens = Counter("tpserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("tpserve_generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram("tpserve_time_to_first_token_seconds", "From request receipt to its first token.",

@@ -30,6 +30,14 @@ Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | N
 Count = Annotated[int, Field(ge=1, le=INT64_MAX)]
 TokenIds = list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300
+TopN = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+Penalty = Annotated[Finite, Field(ge=-2.0, le=2.0)]  # OpenAI's range for presence and frequency
+# OpenAI's logit_bias: token ids (as JSON object keys, so strings) to a bias in [-100, 100]; the keys are
+# checked against the vocabulary by the server.
+LogitBias = Annotated[dict[Annotated[str, Field(max_length=20)], Annotated[Finite, Field(ge=-100.0, le=100.0)]],
+                      Field(max_length=MAX_LOGIT_BIAS)]
 
 
 class SamplingFields(Strict):
@@ -45,12 +53,24 @@ class SamplingFields(Strict):
     stop: Stop = None
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOPS)] | None = None
     ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: Annotated[Finite, Field(gt=0.0, le=10.0)] = 1.0  # vLLM's extension, over prompt and output
+    min_p: Annotated[Finite, Field(ge=0.0, le=1.0)] = 0.0  # vLLM's extension
+    logit_bias: LogitBias | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; the server keeps no per-user state
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def sample_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: how many top log-probabilities each generated token carries, or None."""
+        return None
+
+    def prompt_logprobs(self) -> int | None:
+        return None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -60,6 +80,15 @@ class SamplingFields(Strict):
 class CompletionRequest(SamplingFields):
     prompt: (str | TokenIds | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None  # 0 only with echo (lm-eval's scoring)
+    logprobs: TopN | None = None  # the chosen token's log-probability and the top N of each token
+    echo: bool = False  # the prompt first, with its log-probabilities when logprobs is set
+
+    def sample_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class ContentPart(Strict):
@@ -80,6 +109,11 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Count | None = None  # OpenAI's newer name for max_tokens
     add_generation_prompt: bool = True
+    logprobs: bool = False
+    top_logprobs: TopN | None = None  # needs logprobs: true
+
+    def sample_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -99,10 +133,20 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's completions shape: per token its text, log-probability (None for a prompt's first token), the
+    most likely tokens' log-probabilities (the chosen one included, as vLLM does) and its offset in the text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -120,10 +164,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -144,7 +202,7 @@ class Delta(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -8,6 +8,7 @@ lets those responses finish, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from types import FrameType
@@ -17,6 +18,7 @@ import uvicorn
 from tpserve.errors import WorkerStartupError
 from tpserve.llm_args import add_engine_args, make_llm
 from tpserve.server.app import create_app
+from tpserve.server.auth import ENV_VAR, keys_from
 from tpserve.server.serving import OpenAIServer
 
 GRACE_S = 30.0  # how long in-flight responses get to end after the signal
@@ -30,6 +32,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model's name in the API (default: --model as given, as vLLM names it; "
                         "the default model's name without --model)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--api-key", action="extend", nargs="+", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every /v1/* route (several keys: --api-key A B, or "
+                        "repeat the flag; "
+                        f"default: the comma-separated keys of ${ENV_VAR}, which keeps them out of the process list)")
+    p.add_argument("--api-key-all-routes", action="store_true",
+                   help="also require the key on /health and /metrics (open by default, as in vLLM)")
 
 
 class GracefulServer(uvicorn.Server):
@@ -52,6 +60,14 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    api_keys = keys_from(args.api_key)
+    if args.api_key is not None and not api_keys:  # "--api-key $UNSET" must not serve without a key
+        print("error: --api-key is empty", file=sys.stderr)
+        return 2
+    if args.api_key_all_routes and not api_keys:
+        print(f"error: --api-key-all-routes needs --api-key or ${ENV_VAR}", file=sys.stderr)
+        return 2
+    os.environ.pop(ENV_VAR, None)  # read: the workers (and whatever they start) never inherit the keys
     try:
         llm = make_llm(args)
     except (WorkerStartupError, ValueError) as e:  # ValueError: an engine option out of range
@@ -60,8 +76,12 @@ def serve_main(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:g}" for k, v in llm.info.get("startup_stages_s", {}).items() if v >= 0.1)
     print(f"tpserve: engine ready in {llm.startup_s:g} s ({stages or 'no stage over 0.1 s'})", file=sys.stderr,
           flush=True)
+    if api_keys:  # how many, never which
+        where = "every route" if args.api_key_all_routes else "/v1/* (/health and /metrics open)"
+        print(f"tpserve: {len(api_keys)} API key(s) required on {where}", file=sys.stderr, flush=True)
     try:
-        app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")))
+        app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")),
+                         api_keys, args.api_key_all_routes)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(GRACE_S))
         server = GracefulServer(config, app.state.server)

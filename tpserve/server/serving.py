@@ -22,6 +22,7 @@ from tpserve.proxy.llm import LLM
 from tpserve.sampling_params import SamplingParams
 from tpserve.server.choices import Choice, merged, run_all
 from tpserve.server.http import DONE, EventStream, sse
+from tpserve.server.logprobs import chat_logprobs, completion_logprobs
 from tpserve.server.metrics import ServerMetrics
 from tpserve.server.protocol import (
     MAX_CHOICES,
@@ -31,8 +32,10 @@ from tpserve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatStreamChoice,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Delta,
@@ -120,9 +123,22 @@ class OpenAIServer:
             raise APIError(400, f"the chat template refused these messages: {e}", "messages") from None
         return self._encode(text, "messages")
 
+    def logit_bias(self, req: SamplingFields) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias} with every key a token id of this vocabulary."""
+        if not req.logit_bias:
+            return None
+        bias = {}
+        for key, value in req.logit_bias.items():
+            if not (key.isascii() and key.isdigit()) or int(key) >= self.vocab_size:
+                raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {self.vocab_size})",
+                               "logit_bias")
+            bias[int(key)] = value
+        return bias
+
     def start(self, req: SamplingFields, prompts: list[list[int]], default_max: int | None, prompt_param: str,
-              received: float) -> list[Choice]:
-        """Checks every prompt against the engine's limits, then submits prompts x n engine requests."""
+              received: float, echoes: list[str] | None = None) -> list[Choice]:
+        """Checks every prompt against the engine's limits, then submits prompts x n engine requests.
+        ``echoes``: each prompt's text, sent before its choices' output (completions' echo)."""
         if len(prompts) * req.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices", "n")
         max_tokens = []
@@ -137,6 +153,9 @@ class OpenAIServer:
             if bad is not None:
                 raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", prompt_param)
             asked = req.requested_max_tokens()
+            if asked == 0 and echoes is None:
+                raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)",
+                               "max_tokens")
             wanted = asked if asked is not None else min(default_max or room, room)
             if wanted > room:
                 raise APIError(400, f"max_tokens={wanted} plus the prompt's {len(ids)} tokens exceeds this model's "
@@ -148,18 +167,24 @@ class OpenAIServer:
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "stop_token_ids")
         top_k = req.top_k if req.top_k < self.vocab_size else 0  # top-k of the whole vocabulary is no top-k
+        bias = self.logit_bias(req)
         stops = req.stop_strings()
         choices: list[Choice] = []
         try:
             for i, (ids, wanted) in enumerate(zip(prompts, max_tokens, strict=True)):
                 for j in range(req.n):
                     params = SamplingParams(
-                        max_tokens=wanted, temperature=req.temperature, top_k=top_k, top_p=req.top_p,
+                        max_tokens=max(wanted, 1), temperature=req.temperature, top_k=top_k, top_p=req.top_p,
                         seed=None if req.seed is None else (req.seed + j) % 2**63,
                         stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
+                        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                        repetition_penalty=req.repetition_penalty, min_p=req.min_p, logit_bias=bias,
+                        logprobs=None if wanted == 0 else req.sample_logprobs(), prompt_logprobs=req.prompt_logprobs(),
                     )
                     stream = self.llm.generate_async(ids, params, streaming=True)
-                    choices.append(Choice(i * req.n + j, i, stream, StopText(stops), received))
+                    choice = Choice(i * req.n + j, i, stream, StopText(stops), received, hidden=wanted == 0,
+                                    echo=None if echoes is None else echoes[i])
+                    choices.append(choice)
         except BaseException as e:  # none of the choices submitted so far may run on for nobody
             self.finish(choices, "abort")
             if isinstance(e, EngineDeadError):
@@ -234,31 +259,71 @@ class OpenAIServer:
 
     # -- the two endpoints -------------------------------------------------------------------------------
 
+    def completion_prompts_text(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """What echo sends back: each prompt as the client wrote it, or its token ids decoded."""
+        p = req.prompt
+        if isinstance(p, str):
+            texts: list[str | None] = [p]
+        elif p and not isinstance(p[0], int):
+            texts = [x if isinstance(x, str) else None for x in p]
+        else:
+            texts = [None]
+        tok = self.llm.tokenizer
+        return [t if t is not None else (tok.decode(ids) if tok is not None else "")
+                for t, ids in zip(texts, prompts, strict=True)]
+
+    def completion_chunk_logprobs(self, c: Choice, k: int) -> CompletionLogprobs:
+        """The log-probabilities of what ``c`` sends now: its prompt's first (echo), then its new tokens."""
+        out, tok = c.stream.output, self.llm.tokenizer
+        lp = CompletionLogprobs()
+        if c.echo is not None and not c.echo_sent and out.prompt_logprobs is not None:
+            completion_logprobs(tok, out.prompt_token_ids, out.prompt_logprobs, k, c.text_offset, lp)
+            c.text_offset = len(c.echo)
+        ids, entries = c.take_logprobs()
+        completion_logprobs(tok, ids, entries, k, c.text_offset, lp)
+        c.text_offset += sum(len(t) for t in lp.tokens[len(lp.tokens) - len(ids):])
+        return lp
+
     async def completions(self, req: CompletionRequest, request: Request) -> CompletionResponse | EventStream:
         received = time.time()
         self.check(req)
-        choices = self.start(req, self.completion_prompts(req), 16, "prompt", received)
+        prompts = self.completion_prompts(req)
+        echoes = self.completion_prompts_text(req, prompts) if req.echo else None
+        choices = self.start(req, prompts, 16, "prompt", received, echoes)
         rid, model = f"cmpl-{uuid.uuid4().hex}", self.model_name
+        k = req.logprobs
+
+        def answer(c: Choice, text: str) -> CompletionChoice:
+            logprobs = self.completion_chunk_logprobs(c, k) if k is not None else None
+            if c.echo is not None and not c.echo_sent:
+                text, c.echo_sent = c.echo + text, True
+            return CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason)
 
         def chunk(c: Choice | None, text: str) -> CompletionResponse:
-            return CompletionResponse(id=rid, model=model, choices=[] if c is None else [
-                CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason)])
+            return CompletionResponse(id=rid, model=model, choices=[] if c is None else [answer(c, text)])
 
         if req.stream:
             return EventStream(self.events(choices, chunk, req), headers={"Cache-Control": "no-cache"})
         await self.run_to_end(request, choices)
-        return CompletionResponse(id=rid, model=model, usage=self.usage(choices), choices=[
-            CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason) for c in choices])
+        return CompletionResponse(id=rid, model=model, usage=self.usage(choices),
+                                  choices=[answer(c, c.text) for c in choices])
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | EventStream:
         received = time.time()
         self.check(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         choices = self.start(req, [self.chat_prompt(req)], None, "messages", received)
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
+        k = req.sample_logprobs()
+
+        def logprobs(c: Choice) -> ChatLogprobs | None:
+            return None if k is None else chat_logprobs(self.llm.tokenizer, *c.take_logprobs(), k)
 
         def chunk(c: Choice | None, text: str) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, model=model, choices=[] if c is None else [
-                ChatStreamChoice(index=c.index, delta=Delta(content=text), finish_reason=c.finish_reason)])
+                ChatStreamChoice(index=c.index, delta=Delta(content=text), logprobs=logprobs(c),
+                                 finish_reason=c.finish_reason)])
 
         if req.stream:
             roles = [ChatCompletionChunk(id=rid, model=model, choices=[
@@ -266,5 +331,6 @@ class OpenAIServer:
             return EventStream(self.events(choices, chunk, req, roles), headers={"Cache-Control": "no-cache"})
         await self.run_to_end(request, choices)
         return ChatCompletionResponse(id=rid, model=model, usage=self.usage(choices), choices=[
-            ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+            ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=logprobs(c),
+                       finish_reason=c.finish_reason)
             for c in choices])
