@@ -93,7 +93,7 @@ def main() -> int:
     report: dict = {"card": torch.cuda.get_device_name()}
 
     t0 = time.perf_counter()
-    args = EngineArgs(model=a.model, dtype="bfloat16", max_batch_size=64, max_seq_len=MAX_SEQ_LEN,
+    args = EngineArgs(model=a.model, dtype="bfloat16", max_batch_size=80, max_seq_len=MAX_SEQ_LEN,
                       kv_cache_tokens=400_000)
     published: list = []
     executor, info = build_engine(args, MPI.COMM_WORLD, published.extend)

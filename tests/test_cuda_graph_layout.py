@@ -150,6 +150,7 @@ def test_fill_pads_tokens_and_sequences_as_the_kernels_expect() -> None:
     assert buf[r["slots"]][7:16].tolist() == [0] * 9  # padding tokens: slot 0 of reserved block 0
     assert buf[r["ids"]][7:16].tolist() == [0] * 9
     assert (buf[r["where"]][0], buf[r["src"]][0]) == (0, 3)
+    assert buf[r["decodes"]][0] == 1  # the leading one-token sequences: the prompt graph's decode kernel's
     assert layout.tables(buf, 4).tolist() == [[3, 0, 0, 0, 0], [5, 6, 0, 0, 0], [0] * 5, [0] * 5]
     decode = GraphKey(4, 4, True)
     layout.fill(buf, decode, [[3], [5, 6]], [2, 5], [1, 1], [9, 9], [])

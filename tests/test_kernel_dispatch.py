@@ -213,8 +213,9 @@ def test_reachable_variants_hold_every_launch_choice_a_configuration_can_make() 
             key = pick(t, s)
             if key.decode:
                 choice = decode_variants(cfg.decode_splits(key.seqs, cfg.max_blocks_per_seq))
-            else:
-                choice = {("varlen", policy.varlen_block_m(key.tokens, key.seqs, cfg.group_pad))}
+            else:  # the decode kernel takes the leading decodes, the varlen kernel the rest
+                choice = {("mixed_varlen", policy.varlen_block_m(key.tokens, key.seqs, cfg.group_pad))}
+                choice |= decode_variants(cfg.decode_splits(key.seqs, cfg.max_blocks_per_seq), "mixed_")
             assert choice <= graphed, (t, s, key)
             used |= choice
     assert graphed - used <= set(SINGLE), "start-up would compile variants no step uses"

@@ -107,14 +107,15 @@ class StepLayout:
 
     Regions, each at a fixed offset: ids, positions and slots [max_tokens]; query_start_loc [max_seqs + 1];
     seq_lens, last_token_index, and the gather index of tokens still on the device (``where`` in ids, ``src``
-    row of the previous step's tokens) [max_seqs]; block tables [max_seqs, width] last, so a step copies
-    only the prefix up to its own rows."""
+    row of the previous step's tokens) [max_seqs]; the count of leading one-token sequences (a prompt graph's
+    decodes, which its decode kernel takes) [1]; block tables [max_seqs, width] last, so a step copies only
+    the prefix up to its own rows."""
 
     def __init__(self, max_tokens: int, max_seqs: int, width: int, block_size: int) -> None:
         self.width = width
         self.block_size = block_size
         sizes = {"ids": max_tokens, "positions": max_tokens, "slots": max_tokens, "qsl": max_seqs + 1,
-                 "seq_lens": max_seqs, "last": max_seqs, "where": max_seqs, "src": max_seqs}
+                 "seq_lens": max_seqs, "last": max_seqs, "where": max_seqs, "src": max_seqs, "decodes": 1}
         self.regions: dict[str, slice] = {}
         at = 0
         for name, n in sizes.items():
@@ -159,6 +160,7 @@ class StepLayout:
             qsl[s + 1 : key.seqs + 1] = t
             view["seq_lens"][s : key.seqs] = 0
             view["last"][s : key.seqs] = 0
+            view["decodes"][0] = int(np.argmax(qlen != 1)) if (qlen != 1).any() else s
         f = len(from_device)
         if f:
             view["where"][:f] = [w for w, _ in from_device]
@@ -180,6 +182,7 @@ class StepLayout:
             max_decode_seq_len=self.width * self.block_size if key.decode else 0,
             max_prefill_seq_len=0 if key.decode else self.width * self.block_size,
             padded=not key.decode,
+            decodes_on_device=None if key.decode else packed[r["decodes"]],
         )
         return packed[r["ids"]][:t], packed[r["positions"]][:t], meta
 

@@ -69,17 +69,20 @@ def paged_attention(
     scale: float,
     num_decodes: int = 0,
     padded: bool = False,
+    decodes_on_device: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over the paged caches -> [T, Hq, D]. On CUDA: the split-KV decode
     kernel when T == S, else the varlen kernel (with the first num_decodes single-query sequences, a host
     count, sent to the decode kernel); with ``padded`` (a CUDA graph's bucket: tokens past the last
-    sequence's, sequences with no query) the varlen kernel alone, zeros for the padding tokens;
-    graph-capturable. Elsewhere: the batched torch oracle."""
+    sequence's, sequences with no query) the decode kernel for the first ``decodes_on_device`` sequences and
+    the varlen kernel for the rest, zeros for the padding tokens; graph-capturable. Elsewhere: the batched
+    torch oracle."""
     args = (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
     if backend_for(q) == "triton":
         from tpserve.kernels import attention
 
-        return attention.paged_attention(*args, num_decodes=num_decodes, padded=padded)
+        return attention.paged_attention(*args, num_decodes=num_decodes, padded=padded,
+                                         decodes_on_device=decodes_on_device)
     return reference.paged_attention(*args, padded=padded)
 
 

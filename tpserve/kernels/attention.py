@@ -58,17 +58,22 @@ def _load_tile(cache_ptr, block_table_row, keys, key_mask, kv_head, dims,
 
 
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt"],
-            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"])
+            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr",
+                                            "num_decodes_ptr"])
 def _varlen_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr, num_decodes_ptr,
     scale_log2, num_seqs, group,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, SKIP_DECODES: tl.constexpr,
 ):
+    """SKIP_DECODES: the first *num_decodes_ptr sequences are the decode kernel's (a graphed mixed step)."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     s = _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q)
+    if SKIP_DECODES:
+        if s < tl.load(num_decodes_ptr):
+            return
     q_start = tl.load(query_start_loc_ptr + s)
     q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
     q_block = pid - (q_start // BLOCK_Q + s)
@@ -116,18 +121,23 @@ def _varlen_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
+@triton.jit(do_not_specialize=["stride_bt"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "num_decodes_ptr"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, num_q_heads, group,
+    num_decodes_ptr, scale_log2, num_q_heads, group,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, ONLY_DECODES: tl.constexpr,
 ):
     """One query per sequence; program (s, kv head, split) covers a contiguous run of key tiles of the split's
     share and writes a partial (normalized output, log2-sum-exp) that _reduce_kernel combines; with one
-    split it writes the output directly."""
+    split it writes the output directly. ONLY_DECODES: sequences from *num_decodes_ptr on are not decodes
+    (a graphed mixed step: the varlen kernel's), and query row s is sequence s's (decodes come first)."""
     s = tl.program_id(0).to(tl.int64)
+    if ONLY_DECODES:
+        if s >= tl.load(num_decodes_ptr):
+            return
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + s)
@@ -174,12 +184,15 @@ def _decode_kernel(
         tl.store(part_lse_ptr + part, lse, mask=head_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["num_decodes_ptr"])
 def _reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh, num_q_heads,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, num_decodes_ptr, stride_ot, stride_oh, num_q_heads,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, ONLY_DECODES: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
+    if ONLY_DECODES:
+        if s >= tl.load(num_decodes_ptr):
+            return
     head = tl.program_id(1)
     base = (s * num_q_heads + head) * NUM_SPLITS
     splits = tl.arange(0, NUM_SPLITS)
@@ -219,8 +232,10 @@ def varlen_attention(
     scale: float,
     out: torch.Tensor | None = None,
     block_m: int | None = None,
+    num_decodes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """block_m (query rows per program) defaults to policy.varlen_block_m for these shapes."""
+    """block_m (query rows per program) defaults to policy.varlen_block_m for these shapes. num_decodes (int32
+    [1] on the device): the first that many sequences are left to the decode kernel."""
     group, num_kv_heads = _check(q, k_cache, v_cache)
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     out = torch.empty_like(q) if out is None else out
@@ -231,11 +246,13 @@ def varlen_attention(
     block_q = block_m // group_pad
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _varlen_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E, num_seqs, group,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        num_decodes if num_decodes is not None else seq_lens, scale * _LOG2E, num_seqs, group,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
         GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64,
-        HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1], num_warps=_num_warps(q.shape[2]),
+        HEAD_DIM=q.shape[2], BLOCK_SIZE=k_cache.shape[1], SKIP_DECODES=num_decodes is not None,
+        num_warps=_num_warps(q.shape[2]),
     )
     return out
 
@@ -249,11 +266,15 @@ def decode_attention(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    num_decodes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [S, Hq, D], one query per sequence at position seq_lens[s] - 1. num_splits (a power of two) defaults
-    to policy.num_kv_splits for this machine and these shapes."""
+    to policy.num_kv_splits for this machine and these shapes. num_decodes (int32 [1] on the device): only
+    the first that many of the S = len(seq_lens) sequences are decodes, their queries q's first rows (the
+    rest of q belongs to the varlen kernel)."""
     group, num_kv_heads = _check(q, k_cache, v_cache)
-    num_seqs, num_q_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
     out = torch.empty_like(q) if out is None else out
     if num_seqs == 0:
         return out
@@ -265,17 +286,20 @@ def decode_attention(
         part_out = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32,
                                device=q.device)
         part_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    only_decodes = num_decodes is not None
+    nd = num_decodes if only_decodes else seq_lens  # an unread pointer when every sequence is a decode
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * _LOG2E, num_q_heads, group,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, nd, scale * _LOG2E, num_q_heads,
+        group, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
-        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N,
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits, num_warps=_num_warps(head_dim),
+        BLOCK_H=max(16, next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N, HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits, ONLY_DECODES=only_decodes,
+        num_warps=_num_warps(head_dim),
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_q_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), num_q_heads,
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, num_warps=4,
+            part_out, part_lse, out, nd, out.stride(0), out.stride(1), num_q_heads,
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, ONLY_DECODES=only_decodes, num_warps=4,
         )
     return out
 
@@ -290,6 +314,7 @@ def paged_attention(
     scale: float,
     num_decodes: int = 0,
     padded: bool = False,
+    decodes_on_device: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decode kernel when every sequence brings one query (T == S, a shape fact), else the varlen one.
 
@@ -297,13 +322,18 @@ def paged_attention(
     scheduler orders a mixed step): they go to the split-KV decode kernel, the rest to the varlen kernel,
     instead of one varlen program walking each decode's whole context alone.
 
-    padded: a CUDA graph's step, whose T and S are its bucket's (AttentionMetadata.padded): the varlen kernel
-    alone serves any mix; sequences past the real ones have no query, and the rows of the tokens past the
-    real ones, which no program writes, are zeros."""
+    padded: a CUDA graph's step, whose T and S are its bucket's (AttentionMetadata.padded): sequences past the
+    real ones have no query, and the rows of the tokens past the real ones, which no program writes, are
+    zeros. The decode count is on the device (``decodes_on_device``, int32 [1]): both kernels launch over
+    the whole bucket and each leaves the other's sequences alone, so one graph serves any mix."""
     num_tokens, num_seqs = q.shape[0], seq_lens.shape[0]
     if padded:
         out = torch.zeros_like(q)
-        return varlen_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out=out)
+        if decodes_on_device is not None:
+            decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, out=out,
+                             num_decodes=decodes_on_device)
+        return varlen_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out=out,
+                                num_decodes=decodes_on_device)
     if attention_path(num_tokens, num_seqs) == "decode":
         return decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale)
     if not 0 < num_decodes < num_seqs:

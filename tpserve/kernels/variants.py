@@ -26,7 +26,8 @@ from tpserve.kernels.policy import (
 
 Variant = tuple[str, int]
 """(kernel, the one launch choice that varies within a configuration: block_m for "varlen", the split count
-for "decode" and "reduce", 0 for the kernels that have a single variant per model)."""
+for "decode" and "reduce", 0 for the kernels that have a single variant per model). A "mixed_" kernel is the
+same kernel in a prompt graph, which reads its decode count from the device (another constexpr)."""
 
 SINGLE = (("qk_norm_rope_store", 0), ("rms_norm", 0), ("add_rmsnorm", 0), ("silu_and_mul", 0))
 
@@ -51,8 +52,8 @@ class KernelConfig:
         return num_kv_splits(num_seqs, self.num_kv_heads, blocks_per_seq * self.block_size, self.num_sms)
 
 
-def decode_variants(splits: int) -> set[Variant]:
-    return {("decode", splits)} | ({("reduce", splits)} if splits > 1 else set())
+def decode_variants(splits: int, prefix: str = "") -> set[Variant]:
+    return {(prefix + "decode", splits)} | ({(prefix + "reduce", splits)} if splits > 1 else set())
 
 
 def reachable_graphed(cfg: KernelConfig, keys: list) -> set[Variant]:
@@ -62,7 +63,8 @@ def reachable_graphed(cfg: KernelConfig, keys: list) -> set[Variant]:
         if key.decode:
             variants |= decode_variants(cfg.decode_splits(key.seqs, cfg.max_blocks_per_seq))
         else:
-            variants.add(("varlen", varlen_block_m(key.tokens, key.seqs, cfg.group_pad)))
+            variants.add(("mixed_varlen", varlen_block_m(key.tokens, key.seqs, cfg.group_pad)))
+            variants |= decode_variants(cfg.decode_splits(key.seqs, cfg.max_blocks_per_seq), "mixed_")
     return variants
 
 
@@ -112,10 +114,14 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
             fused.add_rmsnorm(hidden, hidden, layer.input_layernorm.weight, 1e-6)
         elif kernel == "silu_and_mul":
             fused.silu_and_mul(layer.mlp.gate_up_proj(hidden))
-        elif kernel == "varlen":
-            attention.varlen_attention(q_rot, k_cache, v_cache, qsl, one, tables, attn.attn.scale, block_m=choice)
-        elif kernel in ("decode", "reduce"):  # a split count > 1 launches its reduce too
-            attention.decode_attention(q_rot, k_cache, v_cache, one, tables, attn.attn.scale, num_splits=choice)
+        elif kernel in ("varlen", "mixed_varlen"):
+            decodes = zero if kernel == "mixed_varlen" else None
+            attention.varlen_attention(q_rot, k_cache, v_cache, qsl, one, tables, attn.attn.scale, block_m=choice,
+                                       num_decodes=decodes)
+        elif kernel in ("decode", "reduce", "mixed_decode", "mixed_reduce"):  # splits > 1 launch the reduce too
+            decodes = one if kernel.startswith("mixed_") else None
+            attention.decode_attention(q_rot, k_cache, v_cache, one, tables, attn.attn.scale, num_splits=choice,
+                                       num_decodes=decodes)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

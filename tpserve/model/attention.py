@@ -37,6 +37,7 @@ class AttentionMetadata:
     max_prefill_seq_len: int
     input_ids: torch.Tensor | None = None  # int32 [T], when the step's tokens travelled with the metadata
     padded: bool = False  # a CUDA graph's bucket: tokens past query_start_loc[-1] and sequences with no query
+    decodes_on_device: torch.Tensor | None = None  # int32 [1]: a padded step's count of leading decodes
 
     @classmethod
     def build(

@@ -134,7 +134,8 @@ class LlamaAttention(nn.Module):
         q = kernels.qk_norm_rope_store(q, k, v, positions, cos_sin, q_norm, k_norm, eps, k_cache, v_cache,
                                        meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                      self.attn.scale, num_decodes=meta.num_decodes, padded=meta.padded)
+                                      self.attn.scale, num_decodes=meta.num_decodes, padded=meta.padded,
+                                      decodes_on_device=meta.decodes_on_device)
         return self.o_proj(out.flatten(1))
 
 
