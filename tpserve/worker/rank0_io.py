@@ -61,6 +61,7 @@ class Session:
     inbound: wire.SeqCheck = field(default_factory=wire.SeqCheck)
     sent: int = 0  # sequence number of the last frame sent to it
     answered: bool = False  # got READY (or the start-up error)
+    silent: bool = False  # traced as silent while its pidfd says it lives (reset when it is heard again)
 
 
 class Rank0IO:
@@ -192,7 +193,18 @@ class Rank0IO:
                     self.counts["rejected"] += 1
                     trace("worker", "intake_error", error=f"{type(e).__name__}: {e}")
             if s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
-                self._session_silent(s)
+                self._silent(s)
+
+    def _silent(self, s: Session) -> None:
+        """The live proxy has not been heard for the bound. With a pidfd on it (spawned, same host) silence
+        proves nothing: a debugger, SIGSTOP or a VM pause stops a live proxy, and only its exit (the pidfd)
+        ends the engine; the engine runs on and its frames wait (bounded by ``send_bound``). Otherwise
+        silence is all there is to tell a dead proxy by."""
+        if self.owner is None:
+            self._session_silent(s)
+        elif not s.silent:
+            s.silent = True
+            trace("worker", "proxy_silent", silent_s=round(time.monotonic() - s.last_heard, 3), owner_alive=True)
 
     def _owner_exited(self) -> None:
         """The spawning proxy is gone (its pidfd turned readable): end as on its silence, without the wait."""
@@ -216,6 +228,7 @@ class Rank0IO:
             if skipped:
                 trace("worker", "frames_lost", direction="to_rank0", skipped=skipped, seq=frame.seq)
             s.last_heard = time.monotonic()  # only frames that pass the tag and the sequence are signs of life
+            s.silent = False
             self._handle(s, frame)
         elif isinstance(frame.msg, wire.Hello):
             self._hello_from_new(frame)
