@@ -175,8 +175,9 @@ class LLM:
         return stats
 
     def abort(self, request_id: int) -> None:
-        if not self.client.send(wire.Abort(request_id)):
-            self.client.mark_dead("could not reach the workers")
+        """Asks the engine to end the request; one that cannot be sent now is retried (see
+        ``EngineClient.abort``) and concerns that request alone."""
+        self.client.abort(request_id)
 
     # -- shutdown ------------------------------------------------------------------------------------------
 
