@@ -351,10 +351,16 @@ def test_rank0_frames_stay_in_order_when_the_proxy_stalls():
                           bind=True, workers=None)
     io = Rank0IO(client.conn, bind=False, heartbeat_timeout=60)
     try:
-        io.send(wire.Ready({"x": 1}))
+        from mpi4py import MPI
+
+        from tpserve.executor.request_queue import RequestQueue
+
+        requests = RequestQueue(MPI.COMM_SELF)
+        io.start_intake(requests, wire.Ready({"x": 1}))
         assert client.handshake(10) == {"x": 1}
         rs = RequestStream(RequestOutput(1, None, [1]), None, lambda _: None)
-        client.streams[1] = rs
+        client.submit(rs, wire.Submit(1, [1], {}, True, time.time()))  # rank 0 sends outputs of its requests only
+        wait_for(lambda: 1 in io.open_ids, 10)
 
         def publish(i: int, finished: bool = False) -> None:  # 5,000 ids a frame: the buffers fill fast
             io.send(wire.Outputs([{"request_id": 1, "token_ids": [i] + [0] * 4999, "finished": finished,

@@ -44,6 +44,7 @@ class EngineClient:
         self.engine: bytes | None = None  # rank 0's nonce, from its first frame to this session
         self.inbound = wire.SeqCheck()
         self.foreign = 0  # signed frames of another session or engine, ignored
+        self.unrouted = 0  # deltas of requests this client has no stream for (ended here, or never sent)
         self.dead: str | None = None
         self.goodbye = threading.Event()
         self.stop = threading.Event()
@@ -225,6 +226,7 @@ class EngineClient:
                 if stream is not None and delta["finished"]:
                     del self.streams[rid]
             if stream is None:
+                self.unrouted += 1
                 continue
             try:
                 stream.on_delta(delta, received)
@@ -260,7 +262,7 @@ class EngineClient:
         self.pull.close(linger=0)
         self.ctx.term()
         trace("proxy", "sockets_closed", dropped_frames=self.codec.dropped, old_frames=self.inbound.old,
-              foreign_frames=self.foreign)
+              foreign_frames=self.foreign, unrouted=self.unrouted)
 
 
 RANK_DIED = re.compile(

@@ -84,7 +84,9 @@ class Rank0IO:
         self.lock = threading.Lock()  # guards the session and ``open_ids`` between the two threads
         self.session: Session | None = None
         self.ended: set[bytes] = set()  # nonces of sessions that are over: never opened again (replays)
-        self.open_ids: set[int] = set()  # requests taken in and not finished (aborted if their proxy goes)
+        # Requests taken in and not finished, and the session that submitted each: their outputs go to that
+        # session only, and they are aborted when it ends. A new session opens only once this is empty.
+        self.open_ids: dict[int, bytes] = {}
         self.answer: wire.Ready | wire.StartupError | None = None
         self.answered = threading.Event()
         self.requests: RequestQueue | None = None
@@ -100,7 +102,7 @@ class Rank0IO:
         if self.owner is not None:
             self.poller.register(self.owner, zmq.POLLIN)
         self.counts = dict.fromkeys(("old_frames", "gaps", "rejected", "error_replies", "foreign", "refused",
-                                     "unsent", "sent_at_once"), 0)
+                                     "unsent", "sent_at_once", "duplicates", "orphan_deltas"), 0)
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
         self._intake = threading.Thread(target=self._intake_loop, name="rank0-intake", daemon=True)
@@ -119,20 +121,42 @@ class Rank0IO:
         if isinstance(msg, (wire.Ready, wire.StartupError)):
             self._set_answer(msg)
             return
-        small = True
-        if isinstance(msg, wire.Outputs):
-            self._forget_finished(msg)
-            small = len(msg.deltas) <= DIRECT_MAX_DELTAS
+        with self.lock:  # the destination is bound now: a session that opens later never gets this frame
+            s = self.session
+            if isinstance(msg, wire.Outputs):
+                msg = self._own_outputs(msg, s)
+        if msg is None:
+            return  # nothing of this session's in it
+        if s is None:
+            self.counts["unsent"] += 1
+            return
+        small = not isinstance(msg, wire.Outputs) or len(msg.deltas) <= DIRECT_MAX_DELTAS
         with self.order_lock:
-            if small and self.queued == 0 and self._send_now(msg):
+            if small and self.queued == 0 and self._send_now(msg, s):
                 return
             self.queued += 1
-            self.outbox.put((None, msg))
+            self.outbox.put((s.nonce, msg))
 
-    def _send_now(self, msg: wire.Message) -> bool:
+    def _own_outputs(self, msg: wire.Outputs, s: Session | None) -> wire.Outputs | None:
+        """Under the lock: the deltas of ``msg`` that belong to session ``s`` (None: nothing to send), and
+        the finished requests forgotten. A delta of another session's request (one that ended and is being
+        aborted) is dropped: an output reaches only the session that submitted its request."""
+        own = []
+        for d in msg.deltas:
+            owner = self.open_ids.get(d["request_id"])
+            if d["finished"]:
+                self.open_ids.pop(d["request_id"], None)
+            if s is not None and owner == s.nonce:
+                own.append(d)
+            else:
+                self.counts["orphan_deltas"] += 1
+        if len(own) == len(msg.deltas):
+            return msg
+        return wire.Outputs(own, msg.stats) if own or msg.stats else None
+
+    def _send_now(self, msg: wire.Message, s: Session) -> bool:
         """Under ``order_lock`` with nothing queued: one try without waiting. False: nothing was sent."""
-        s = self.session
-        if s is None or self.dead is not None:
+        if self.session is not s or self.dead is not None:
             return False
         frames = [s.nonce, *self.codec.encode(msg, s.nonce, s.sent + 1, self.engine)]
         with self.socket_lock:
@@ -149,10 +173,6 @@ class Rank0IO:
         with self.order_lock:
             self.queued += 1
             self.outbox.put((dest, msg))
-
-    def _forget_finished(self, msg: wire.Outputs) -> None:
-        with self.lock:
-            self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
 
     def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
         """From here the intake feeds the executor's queue, and Hellos are answered with ``ready``."""
@@ -260,7 +280,7 @@ class Rank0IO:
         trace("worker", "proxy_lost", silent_s=round(time.monotonic() - s.last_heard, 3), attach=self.attach)
         with self.lock:
             self._end(s)
-            requests, open_ids = self.requests, sorted(self.open_ids)
+            requests, open_ids = self.requests, sorted(r for r, owner in self.open_ids.items() if owner == s.nonce)
             if not self.attach:
                 self.ending = self.proxy_lost = True
         if not self.attach:
@@ -302,7 +322,14 @@ class Rank0IO:
                 self._reply_error(s, msg.request_id, "the engine is not ready yet")
                 return
             with self.lock:
-                self.open_ids.add(msg.request_id)
+                owner = self.open_ids.get(msg.request_id)
+                if owner is None:
+                    self.open_ids[msg.request_id] = s.nonce
+            if owner is not None:  # refused alone: the request of that id runs on, and stays tracked
+                self.counts["duplicates"] += 1
+                self._reply_error(s, msg.request_id, f"duplicate request id {msg.request_id}: a request of that "
+                                                     "id is still running")
+                return
             self.requests.put(wire.Submit(msg.request_id, msg.prompt_token_ids, params, msg.stream,
                                           msg.arrival_time, time.time()))
         elif isinstance(msg, wire.Abort):
