@@ -166,9 +166,14 @@ class LLM:
         return self._submit(prompt, sampling_params, stream=streaming)
 
     def stats(self) -> dict:
-        """The engine's load as rank 0 last reported it (running, waiting, iteration_time_s,
-        kv_cache_usage, shutting_down), plus ``pending`` requests on this side."""
-        stats = {"running": 0, "waiting": 0, "iteration_time_s": 0.0, "kv_cache_usage": 0.0, **self.client.stats}
+        """The engine's load as rank 0 last reported it (with READY, then with its outputs): running, waiting,
+        iteration_time_s, kv_cache_usage, prefix_cache_hit_rate, num_preemptions, num_free_blocks,
+        shutting_down, triton_compiles; plus ``pending`` requests on this side and ``dead``. Every key is
+        there from the start."""
+        stats = {"running": 0, "waiting": 0, "iteration_time_s": 0.0, "kv_cache_usage": 0.0,
+                 "prefix_cache_hit_rate": 0.0, "num_preemptions": 0,
+                 "num_free_blocks": max(0, int(self.info.get("num_kv_blocks", 1)) - 1), "shutting_down": False,
+                 "triton_compiles": 0, **(self.info.get("stats") or {}), **self.client.stats}
         stats["shutting_down"] = bool(stats.get("shutting_down")) or self._closed
         stats["pending"] = len(self.client.pending())
         stats["dead"] = self.client.dead

@@ -138,6 +138,7 @@ def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> i
     rank = comm.Get_rank()
     if io is not None:
         ready = wire.Ready(info)
+        io.stats = executor.stats
         if conn_file is None:
             io.send(ready)
         io.start_intake(executor.queue, ready)

@@ -14,7 +14,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import zmq
@@ -90,6 +92,7 @@ class Rank0IO:
         self.answer: wire.Ready | wire.StartupError | None = None
         self.answered = threading.Event()
         self.requests: RequestQueue | None = None
+        self.stats: Callable[[], dict[str, Any]] | None = None  # the executor's load, sent with every READY
         self.ending = False  # the sentinel is on its way: no new session, no silence check
         self.dead: str | None = None  # a frame could not be delivered within the bound
         self.stop_intake = threading.Event()
@@ -189,8 +192,18 @@ class Rank0IO:
             s = self.session
             if s is not None and not s.answered:
                 s.answered = True
-                self._enqueue(s.nonce, msg)
+                self._enqueue(s.nonce, self._with_stats(msg))
                 self.answered.set()
+
+    def _with_stats(self, answer: wire.Ready | wire.StartupError) -> wire.Ready | wire.StartupError:
+        """READY with the engine's load now, so a client's ``stats()`` has every key before any output."""
+        if not isinstance(answer, wire.Ready) or self.stats is None:
+            return answer
+        try:
+            return wire.Ready({**answer.info, "stats": self.stats()})
+        except Exception as e:  # noqa: BLE001 - a racy read must not cost the answer
+            trace("worker", "stats_error", error=f"{type(e).__name__}: {e}")
+            return answer
 
     # -- intake ------------------------------------------------------------------------------------------
 
@@ -315,7 +328,7 @@ class Rank0IO:
                 answer = self.answer
                 s.answered = s.answered or answer is not None
             if answer is not None:
-                self._enqueue(s.nonce, answer)
+                self._enqueue(s.nonce, self._with_stats(answer))
                 self.answered.set()
         elif isinstance(msg, wire.Submit):
             if self.requests is None:
