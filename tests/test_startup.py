@@ -56,3 +56,12 @@ def test_a_failed_start_traces_every_process_exit(tmp_path, monkeypatch, capsys)
     assert trace_view.main([str(tmp_path), "--no-html"]) == 0
     out = capsys.readouterr().out
     assert "UNFINISHED" not in out and out.count("worker/exit code=1 at") == 2
+
+
+def test_engine_warnings_reach_the_users_stderr(capfd):
+    """Rank 0's warnings are the user's to read: they reach this process's stderr, not only a log that is
+    deleted at shutdown."""
+    with LLM(model=str(built_model("llama")), max_seq_len=256, kv_cache_tokens=64) as llm:
+        assert llm.info["kv_cache_tokens"] < 256
+    err = capfd.readouterr().err
+    assert "the KV cache pool holds 64 tokens, fewer than max_seq_len=256" in err, err[-2000:]

@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -86,6 +87,8 @@ class LLM:
             self._teardown(sentinel=False)
             raise
         self.client.start_dispatcher()
+        for w in self.info.get("warnings") or []:  # the engine's own log is a temporary file: tell the user
+            print(f"tpserve: warning: {w}", file=sys.stderr, flush=True)
         self.startup_s = round(time.perf_counter() - started, 3)  # to READY: launch, load, kernels, graphs
         self.tokenizer: Tokenizer | None = None
         tok_dir = self.info.get("model_dir", "")
