@@ -56,6 +56,9 @@ class EngineArgs:
     gpu_memory_utilization: float = option(0.9, "share of GPU memory the engine may use", above=0, high=1)
     enable_prefix_caching: bool = option(True, "share the KV blocks of common prompt prefixes")
     enforce_eager: bool = option(False, "never capture CUDA graphs")
+    heartbeat_timeout: float = option(5.0, "seconds rank 0 waits without a word from its client: then an attached "
+                                      "engine ends that client's session, and a spawned engine that cannot watch "
+                                      "its proxy's process ends", above=0)
     mpirun_args: tuple[str, ...] = option((), "extra mpirun arguments (one string, shlex-split)")
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import os
 import shutil
@@ -36,7 +37,7 @@ class LLM:
 
     ``model=None`` serves the built-in default model (SmolLM2-135M-Instruct); ``connect="FILE"`` attaches
     to workers started by the user with ``--connection-file FILE`` instead of spawning them (the engine
-    options are then the workers' own, and the ones given here are not used). The keyword arguments are
+    options are then the workers' own: giving any here raises ``ValueError``). The keyword arguments are
     the fields of ``EngineArgs`` (``tensor_parallel_size=1, device="auto", ..., mpirun_args=()``); a name
     that is none of them raises ``TypeError``, a value out of range ``ValueError``.
     """
@@ -45,6 +46,11 @@ class LLM:
                  **engine_options: Any) -> None:
         started = time.perf_counter()
         engine = EngineArgs.from_kwargs({"model": model, **engine_options}, "LLM()")
+        if connect is not None:  # the attached engine runs with the options it was started with
+            given = [f.name for f in dataclasses.fields(engine) if getattr(engine, f.name) != f.default]
+            if given:
+                raise ValueError(f"engine options cannot be given with connect= (the attached engine runs with the "
+                                 f"options its workers were started with): {', '.join(given)}")
         if engine.model is not None and os.path.exists(engine.model):
             engine.model = os.path.abspath(engine.model)  # the workers may not share this working directory
         self.engine_args = engine
