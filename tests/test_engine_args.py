@@ -145,3 +145,36 @@ def test_the_worker_refuses_a_tensor_parallel_size_that_is_not_its_worlds(tmp_pa
     r = run_group(cmd, 120, env=mpi_environment(1))
     assert r.returncode != 0 and "--tensor-parallel-size 2 does not match the MPI world of 1" in r.stdout, r.stdout[-3000:]
     assert not (tmp_path / "c.json").exists()
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_readme_lists_every_option_as_engine_args_defines_it():
+    """The README's LLM signature and its flag list are generated from EngineArgs (engine_args.readme_*):
+    an option added, renamed or given another default shows here until the README says so."""
+    from tpserve import engine_args
+
+    readme = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert _flat(engine_args.readme_signature()) in readme, engine_args.readme_signature()
+    assert _flat(engine_args.readme_flags()) in readme, engine_args.readme_flags()
+
+
+def test_default_texts_say_what_the_engine_does():
+    """The help's words for a derived default match the function that derives it."""
+    from tpserve.executor.engine import (
+        CPU_MAX_POOL_TOKENS_PER_REQUEST,
+        default_max_chunk_tokens,
+        default_max_num_tokens,
+    )
+
+    shown = {f.name: f.metadata["shown"] for f in dataclasses.fields(EngineArgs)}
+    assert default_max_num_tokens("cuda", 16) == 8192 and default_max_num_tokens("cpu", 16) == 2048
+    assert default_max_num_tokens("cpu", 4096) == 4096
+    assert shown["max_num_tokens"] == "8192 on GPU, 2048 on CPU, at least max_batch_size"
+    assert default_max_chunk_tokens(2048) == 512 and shown["max_chunk_tokens"] == "max_num_tokens / 4"
+    assert str(CPU_MAX_POOL_TOKENS_PER_REQUEST) in shown["kv_cache_tokens"] and "gpu_memory_utilization" in shown[
+        "kv_cache_tokens"]
+    readme = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "takes `gpu_memory_utilization` of the memory left after the weights" not in readme
