@@ -5,7 +5,7 @@ import time
 import pytest
 from helpers import built_model, worker_processes
 
-from tpserve import LLM, WorkerStartupError, trace_view
+from tpserve import LLM, ModelNotFoundError, WorkerStartupError, trace_view
 
 
 def assert_no_workers_left():
@@ -16,9 +16,16 @@ def assert_no_workers_left():
 
 
 def test_missing_model_directory(tmp_path):
+    """Found missing by the proxy, before any worker is launched."""
+    with pytest.raises(ModelNotFoundError, match=f"model directory {tmp_path / 'no-such-model'} does not exist"):
+        LLM(model=str(tmp_path / "no-such-model"), tensor_parallel_size=2)
+    assert not worker_processes()
+
+
+def test_a_directory_without_a_model_fails_on_the_workers(tmp_path):
     start = time.monotonic()
     with pytest.raises(WorkerStartupError, match="config.json|does not exist|not found") as err:
-        LLM(model=str(tmp_path / "no-such-model"), tensor_parallel_size=2)
+        LLM(model=str(tmp_path), tensor_parallel_size=2)
     assert time.monotonic() - start < 60
     assert "rank" in str(err.value)
     assert_no_workers_left()

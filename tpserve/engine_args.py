@@ -33,7 +33,8 @@ def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), low: float
 class EngineArgs:
     """Everything the workers are started with (``connect`` and ``startup_timeout`` are the proxy's own)."""
 
-    model: str | None = option(None, "Hugging Face model directory (default: the built-in SmolLM2-135M-Instruct)")
+    model: str | None = option(None, "Hugging Face model directory (~ expanded) or hub id (Qwen/Qwen3-0.6B: from "
+                               "the local cache or downloaded) (default: the built-in SmolLM2-135M-Instruct)")
     tensor_parallel_size: int = option(1, "tensor-parallel size: MPI ranks", aliases=("--tp",), low=1)
     device: str = option("auto", "cpu, cuda or auto (CUDA when present)")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on CPU, the checkpoint's on GPU)")

@@ -22,6 +22,7 @@ from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
 from tpserve.proxy.client import EngineClient
 from tpserve.proxy.launcher import WorkerProcess, mpi_environment
+from tpserve.proxy.model_path import resolve_model
 from tpserve.proxy.outputs import RequestOutput
 from tpserve.proxy.streams import RequestStream
 from tpserve.proxy.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -51,8 +52,8 @@ class LLM:
             if given:
                 raise ValueError(f"engine options cannot be given with connect= (the attached engine runs with the "
                                  f"options its workers were started with): {', '.join(given)}")
-        if engine.model is not None and os.path.exists(engine.model):
-            engine.model = os.path.abspath(engine.model)  # the workers may not share this working directory
+        if connect is None:  # found here, before anything is launched (an attached engine has its own)
+            engine.model = resolve_model(engine.model)
         self.engine_args = engine
         self._closed = False
         self._ids = itertools.count()
