@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from tpserve.proxy.llm import LLM
 from tpserve.server.http import BodyLimit, UTF8Route
 from tpserve.server.protocol import (
+    MAX_CHOICES,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,6 +24,7 @@ from tpserve.server.protocol import (
 from tpserve.server.serving import OpenAIServer
 
 MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0  # the most a request's body may take to arrive
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -30,13 +32,17 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body().model_dump(), status_code=e.status)
 
 
-def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
+def create_app(llm: LLM, model_name: str | None = None, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``llm``; ``app.state.server`` is its ``OpenAIServer``."""
     server = OpenAIServer(llm, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
     app.router.route_class = UTF8Route
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, timeout=body_timeout)
     app.state.server = server
+    # No servable request holds more values than MAX_CHOICES prompts of max_seq_len token ids, or
+    # max_seq_len messages of a few fields each: a body with more is refused before it is validated, which
+    # would hold the event loop for seconds (a million empty lists: 3 s of validation errors).
+    app.state.max_json_values = (MAX_CHOICES + 8) * server.max_seq_len + 10_000
 
     def rejected(request: Request, e: APIError) -> JSONResponse:
         if request.url.path in GENERATION_PATHS and e.status < 500:

@@ -30,6 +30,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model's name in the API (default: --model as given, as vLLM names it; "
                         "the default model's name without --model)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's body may take to arrive; a slower one gets 408 (default: 30)")
 
 
 class GracefulServer(uvicorn.Server):
@@ -61,7 +63,8 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"tpserve: engine ready in {llm.startup_s:g} s ({stages or 'no stage over 0.1 s'})", file=sys.stderr,
           flush=True)
     try:
-        app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")))
+        app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")),
+                         body_timeout=args.body_timeout)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(GRACE_S))
         server = GracefulServer(config, app.state.server)
