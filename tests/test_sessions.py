@@ -48,3 +48,33 @@ def test_a_silent_clients_requests_never_reach_the_next_client(tmp_path):
     finally:
         if engine.popen.poll() is None:
             engine.kill()
+
+
+def test_a_huge_frame_from_a_client_without_a_session_does_not_stall_the_live_one(tmp_path):
+    """A signed 16 MiB frame of empty lists from a client that never opened a session is dropped on its
+    envelope, undecoded: rank 0's intake and its heartbeats go on, and the live client's stream ends as it
+    would have. A too-long prompt of the live client is refused on its own, with an error for its id."""
+    engine = Engine(tmp_path)  # rank 0 judges a client silent after 2 s
+    try:
+        conn = engine.connection()
+        with attach_when_free(engine.conn_path, 60) as llm:
+            params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+            expected = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].token_ids
+            stream = llm.generate_stream([1, 2, 3], params)
+            next(stream)
+            stranger = WireClient(conn)  # never says Hello
+            try:
+                body = submit(1) | {"prompt_token_ids": [[]] * 16_000_000}
+                stranger.raw(stranger.frames("submit", body, 1), "huge, no session")
+                too_long = llm.generate([[1] * 200_000], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+                assert too_long.finish_reason == "error" and "token ids" in too_long.error, too_long.error
+                out = stream.result(timeout=120)
+            finally:
+                stranger.close()
+            assert out.finish_reason == "length" and out.token_ids == expected, (out.finish_reason, out.error)
+            assert llm.client.dead is None
+        assert engine.popen.wait(30) == 0, engine.log()[-4000:]
+        assert "proxy_lost" not in engine.trace()
+    finally:
+        if engine.popen.poll() is None:
+            engine.kill()

@@ -31,6 +31,7 @@ SEND_SLICE_MS = 100  # the sender re-checks its session and bound this often whi
 SEND_BOUND_S = float(os.environ.get("TPSERVE_SEND_TIMEOUT", "30"))  # the most a frame waits for the proxy
 STARTUP_ERROR_WAIT_S = 2.0  # a start-up error waits this long for a proxy's Hello to answer
 DIRECT_MAX_DELTAS = 8  # an Outputs frame with more deltas is encoded and sent by the sender thread
+PROMPT_IDS_BEFORE_READY = 1 << 16  # a Submit's token ids the intake decodes before it knows max_seq_len
 
 
 def owner_pidfd() -> int | None:
@@ -92,6 +93,8 @@ class Rank0IO:
         self.answer: wire.Ready | wire.StartupError | None = None
         self.answered = threading.Event()
         self.requests: RequestQueue | None = None
+        # A body's bounds: only a Submit may be large, and its token ids no more than the engine can hold.
+        self.limits = wire.BodyLimits(array=PROMPT_IDS_BEFORE_READY, intake=True)
         self.stats: Callable[[], dict[str, Any]] | None = None  # the executor's load, sent with every READY
         self.ending = False  # the sentinel is on its way: no new session, no silence check
         self.dead: str | None = None  # a frame could not be delivered within the bound
@@ -179,6 +182,9 @@ class Rank0IO:
 
     def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
         """From here the intake feeds the executor's queue, and Hellos are answered with ``ready``."""
+        max_seq_len = ready.info.get("max_seq_len")
+        if isinstance(max_seq_len, int) and max_seq_len > 0:
+            self.limits = wire.BodyLimits(array=max_seq_len, intake=True)
         with self.lock:
             self.requests = requests
             lost = self.proxy_lost
@@ -208,13 +214,11 @@ class Rank0IO:
     # -- intake ------------------------------------------------------------------------------------------
 
     def _intake_loop(self) -> None:
-        """Runs until ``close``: after the sentinel it keeps answering (heartbeats) while the ranks end."""
-        next_heartbeat = 0.0
+        """Runs until ``close``. Rank 0's heartbeats come from the sender thread, so no frame the intake
+        decodes can hold them up; and a session is judged silent only when the socket has nothing waiting
+        (frames queued behind a slow one may be its heartbeats)."""
         while not self.stop_intake.is_set():
             s = self.session
-            if s is not None and time.monotonic() >= next_heartbeat:  # so the proxy can tell silence from death
-                self._enqueue(s.nonce, wire.Heartbeat(time.time()))
-                next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
             ready = dict(self.poller.poll(POLL_MS))
             if self.owner is not None and self.owner in ready:
                 self._owner_exited()
@@ -225,7 +229,7 @@ class Rank0IO:
                 except Exception as e:  # noqa: BLE001 - one frame must not stop the intake
                     self.counts["rejected"] += 1
                     trace("worker", "intake_error", error=f"{type(e).__name__}: {e}")
-            if s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
+            elif s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
                 self._silent(s)
 
     def _silent(self, s: Session) -> None:
@@ -250,23 +254,30 @@ class Rank0IO:
             self._session_silent(s)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        frame = self.codec.decode(frames)
-        if frame is None:
+        """The envelope first: a frame of no live session is dropped with its body unread (a Hello's body is
+        small by its bounds), and a body is decoded within its kind's bounds only once its session and
+        sequence number pass, so no frame costs the intake more than a bounded decode."""
+        env = self.codec.envelope(frames)
+        if env is None:
             return  # a bad tag or envelope: counted by the codec
         s = self.session
-        if s is not None and frame.session == s.nonce:
-            skipped = s.inbound.take(frame.seq)
+        if s is not None and env.session == s.nonce:
+            skipped = s.inbound.take(env.seq)
             if skipped < 0:
                 return  # replayed or old: counted
             if skipped:
-                trace("worker", "frames_lost", direction="to_rank0", skipped=skipped, seq=frame.seq)
+                trace("worker", "frames_lost", direction="to_rank0", skipped=skipped, seq=env.seq)
             s.last_heard = time.monotonic()  # only frames that pass the tag and the sequence are signs of life
             s.silent = False
-            self._handle(s, frame)
-        elif isinstance(frame.msg, wire.Hello):
-            self._hello_from_new(frame)
+            self._handle(s, self.codec.body(env, self.limits))
+        elif env.kind == wire.Hello.KIND:
+            frame = self.codec.body(env, self.limits)
+            if isinstance(frame.msg, wire.Hello):
+                self._hello_from_new(frame)
+            else:
+                self.counts["foreign"] += 1
         else:
-            self.counts["foreign"] += 1  # another session's frame, or one of a session that is over
+            self.counts["foreign"] += 1  # another session's frame, or one of a session that is over: unread
 
     def _hello_from_new(self, frame: wire.Frame) -> None:
         if frame.session in self.ended:
@@ -367,8 +378,16 @@ class Rank0IO:
     # -- sender ------------------------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
+        """Sends what is queued, in order; when nothing has been queued for a heartbeat's interval, queues a
+        heartbeat to the live session (so the proxy can tell silence from death, whatever the intake does)."""
         while True:
-            item = self.outbox.get()
+            try:
+                item = self.outbox.get(timeout=wire.HEARTBEAT_S)
+            except queue.Empty:
+                s = self.session
+                if s is not None and self.dead is None:
+                    self._enqueue(s.nonce, wire.Heartbeat(time.time()))
+                continue
             if item is None:
                 return
             try:
