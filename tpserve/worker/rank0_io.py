@@ -31,6 +31,7 @@ SEND_SLICE_MS = 100  # the sender re-checks its session and bound this often whi
 SEND_BOUND_S = float(os.environ.get("TPSERVE_SEND_TIMEOUT", "30"))  # the most a frame waits for the proxy
 STARTUP_ERROR_WAIT_S = 2.0  # a start-up error waits this long for a proxy's Hello to answer
 DIRECT_MAX_DELTAS = 8  # an Outputs frame with more deltas is encoded and sent by the sender thread
+FAIR_FRAMES = 256  # frames read in a row after which silence is judged even with more waiting
 PROMPT_IDS_BEFORE_READY = 1 << 16  # a Submit's token ids the intake decodes before it knows max_seq_len
 
 
@@ -216,20 +217,26 @@ class Rank0IO:
     def _intake_loop(self) -> None:
         """Runs until ``close``. Rank 0's heartbeats come from the sender thread, so no frame the intake
         decodes can hold them up; and a session is judged silent only when the socket has nothing waiting
-        (frames queued behind a slow one may be its heartbeats)."""
+        (frames queued behind a slow one may be its heartbeats), or after ``FAIR_FRAMES`` frames in a row:
+        ZeroMQ takes turns among its peers, so a flood of other clients' frames cannot hide a dead one."""
+        in_a_row = 0
         while not self.stop_intake.is_set():
             s = self.session
             ready = dict(self.poller.poll(POLL_MS))
             if self.owner is not None and self.owner in ready:
                 self._owner_exited()
             if self.inp in ready:
+                in_a_row += 1
                 frames = self.inp.recv_multipart()
                 try:
                     self._on_frames(frames)
                 except Exception as e:  # noqa: BLE001 - one frame must not stop the intake
                     self.counts["rejected"] += 1
                     trace("worker", "intake_error", error=f"{type(e).__name__}: {e}")
-            elif s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
+            else:
+                in_a_row = 0
+            if (s is not None and not self.ending and (in_a_row == 0 or in_a_row > FAIR_FRAMES)
+                    and time.monotonic() - s.last_heard > self.heartbeat_timeout):
                 self._silent(s)
 
     def _silent(self, s: Session) -> None:
