@@ -21,8 +21,8 @@ def rank0(llm: LLM) -> psutil.Process:
 
 
 def test_an_unsendable_abort_ends_its_own_stream_only():
-    params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
-    with LLM(model=str(built_model("llama")), max_seq_len=1100, max_batch_size=8) as llm:
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    with LLM(model=str(built_model("llama")), max_seq_len=400, max_batch_size=8) as llm:
         expected = llm.generate([[3, 4, 5], [3, 4, 6]], params, use_tqdm=False)
         victim, *others = (llm.generate_stream(p, params) for p in ([3, 4, 7], [3, 4, 5], [3, 4, 6]))
         for s in (victim, *others):
