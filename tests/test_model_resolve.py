@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 from helpers import ROOT, built_model
 
@@ -77,3 +78,30 @@ def test_a_hub_id_resolves_through_the_local_cache_and_an_unknown_one_fails_befo
     assert kind == "ModelNotFoundError", result["error"]
     assert "tpserve-test/no-such-model" in message and "Hugging Face" in message, message
     assert result["launches_after"] == 1  # no mpirun for a model that is nowhere
+
+
+def test_workers_started_by_hand_resolve_a_hub_id_too(tmp_path):
+    """Attach mode: ``mpirun ... tpserve.worker --model org/name`` finds the model in its host's cache."""
+    from helpers import kill_session
+
+    from tpserve.proxy.launcher import mpi_environment, mpirun_path
+
+    fake_hub_cache(tmp_path / "hub", "tpserve-test/tiny-llama", built_model("llama"))
+    conn = tmp_path / "engine.json"
+    env = mpi_environment(1) | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    cmd = [mpirun_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-m", "tpserve.worker", "--model",
+           "tpserve-test/tiny-llama", "--max-seq-len", "64", "--connection-file", str(conn)]
+    with open(tmp_path / "workers.log", "wb") as log:
+        workers = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not conn.exists():
+            assert workers.poll() is None and time.monotonic() < deadline, (tmp_path / "workers.log").read_text()
+            time.sleep(0.1)
+        with LLM(connect=str(conn)) as llm:
+            assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == 4
+        assert workers.wait(30) == 0
+    finally:
+        if workers.poll() is None:
+            kill_session(workers)

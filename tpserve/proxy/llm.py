@@ -20,9 +20,9 @@ from tqdm import tqdm
 from tpserve import wire
 from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
+from tpserve.model_path import resolve_model
 from tpserve.proxy.client import EngineClient
 from tpserve.proxy.launcher import WorkerProcess, mpi_environment
-from tpserve.proxy.model_path import resolve_model
 from tpserve.proxy.outputs import RequestOutput
 from tpserve.proxy.streams import RequestStream
 from tpserve.proxy.tokenizer import IncrementalDetokenizer, Tokenizer

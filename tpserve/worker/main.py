@@ -18,6 +18,7 @@ from tpserve import wire
 from tpserve.engine_args import EngineArgs
 from tpserve.executor.engine import StartupFailed, build_engine
 from tpserve.executor.engine import stage as _stage
+from tpserve.model_path import resolve_model
 from tpserve.shutdown_trace import trace
 from tpserve.worker.publisher import Publisher
 from tpserve.worker.teardown import teardown
@@ -114,6 +115,8 @@ def _run(args: EngineArgs, opts: argparse.Namespace, comm: MPI.Comm) -> int:
     try:
         if opts.connection_file is not None:  # a taken path fails the start before anything loads
             _stage(comm, "check_connection_file", check_connection_file)
+        if args.model is not None:  # given to the workers themselves (attach mode): ~ or a hub id, per host
+            args.model = _stage(comm, "resolve_model_path", lambda: resolve_model(args.model))
         executor, info = build_engine(args, comm, publish)
         # READY reports every engine option: as given, unless the engine reports what it made of it
         info = {**{k: v for k, v in dataclasses.asdict(args).items() if k not in ("model", "mpirun_args")}, **info}

@@ -1,4 +1,5 @@
-"""Where the model is, decided by the proxy before mpirun starts: a local directory (``~`` expanded, made
+"""Where the model is, decided by the proxy before mpirun starts (and by each worker given ``--model`` itself,
+in attach mode): a local directory (``~`` expanded, made
 absolute, since the workers may not share the working directory), or a Hugging Face hub id fetched through
 ``huggingface_hub`` (its local cache first where HF_HUB_OFFLINE is set, downloading where a network is).
 A model that is neither fails here with one error, not after the launch on every rank."""
