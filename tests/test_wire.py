@@ -391,3 +391,19 @@ def test_rank0_frames_stay_in_order_when_the_proxy_stalls():
     finally:
         io.close(timeout=2)
         client.close()
+
+
+def test_a_submit_body_is_decoded_within_its_kinds_bounds():
+    """Rank 0's bounds: token ids up to max_seq_len, and a few thousand lists at most, so a body of millions
+    of small lists (each list within the length bound) is refused unbuilt, with an error for its id."""
+    key = wire.new_key()
+    codec = wire.Codec(key)
+    limits = wire.BodyLimits(array=2100, intake=True)
+    many = dict(GOOD_SUBMIT, request_id=7, prompt_token_ids=[[[]] * 50_000] * 60)  # 3 million empty lists
+    f = codec.decode(signed(key, [S, b"", 1, "submit", many]), limits)
+    assert f.msg is None and f.request_id == 7 and "lists and maps" in f.error, f.error
+    long = dict(GOOD_SUBMIT, request_id=8, prompt_token_ids=[1] * 70_000)
+    f = codec.decode(signed(key, [S, b"", 1, "submit", long]), limits)
+    assert f.msg is None and f.request_id == 8 and "token ids" in f.error, f.error
+    f = codec.decode(signed(key, [S, b"", 1, "submit", dict(GOOD_SUBMIT, prompt_token_ids=[1] * 2100)]), limits)
+    assert f.msg is not None and len(f.msg.prompt_token_ids) == 2100

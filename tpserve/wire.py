@@ -390,10 +390,14 @@ class BodyLimits:
     intake: bool = False  # rank 0's: only a Submit may be large; every other kind a proxy sends is small
 
     def for_kind(self, kind: str | None) -> dict[str, int]:
-        small = {"max_array_len": 8, "max_map_len": 8, "max_str_len": 64, "max_bin_len": 64, "max_ext_len": 0}
+        """msgpack's bounds for a body of ``kind``, and ``containers``: the most lists and maps it may hold
+        (so nesting cannot multiply the work; generous enough that a hostile field 1,000 deep is still
+        refused by its schema, by name)."""
+        small = {"max_array_len": 8, "max_map_len": 8, "max_str_len": 64, "max_bin_len": 64, "max_ext_len": 0,
+                 "containers": 2048}
         if kind == Submit.KIND:  # token ids, sampling params (a few dozen keys, short lists and strings)
-            return {"max_array_len": max(self.array, 64), "max_map_len": 64, "max_str_len": 1 << 12,
-                    "max_bin_len": 1 << 12, "max_ext_len": 0}
+            return {"max_array_len": max(self.array, 1 << 16), "max_map_len": 64, "max_str_len": 1 << 12,
+                    "max_bin_len": 1 << 12, "max_ext_len": 0, "containers": 4096}
         if self.intake or kind not in SCHEMAS or kind in (Hello.KIND, Abort.KIND, Shutdown.KIND, Heartbeat.KIND):
             return small
         return {"max_array_len": self.array, "max_map_len": self.map, "max_str_len": self.str,
@@ -502,9 +506,21 @@ class Codec:
     def body(self, env: Envelope, limits: BodyLimits | None = None) -> Frame:
         """Decodes and checks the body of ``env`` within the bounds its kind allows."""
         bounds = (limits or BodyLimits()).for_kind(env.kind)
+        containers = bounds.pop("containers", None)
+        hooks: dict[str, Callable[[Any], Any]] = {}
+        if containers is not None:
+            built = [0]
+
+            def count(container: Any) -> Any:
+                built[0] += 1
+                if built[0] > containers:
+                    raise ValueError(f"more than {containers} lists and maps")
+                return container
+
+            hooks = {"list_hook": count, "object_hook": count}
         data = memoryview(env.payload)[env.offset:]
         try:
-            body = msgpack.unpackb(data, raw=False, strict_map_key=False, **bounds)
+            body = msgpack.unpackb(data, raw=False, strict_map_key=False, **bounds, **hooks)
         except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
             why = f"{env.kind}: undecodable or over its bounds: {type(e).__name__}: {e}"
             if env.kind == Submit.KIND:
