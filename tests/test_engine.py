@@ -28,10 +28,25 @@ def prompt(i: int, n: int) -> list[int]:
     return [(i * 7919 + j * 104729) % 49000 + 5 for j in range(n)]
 
 
+STATS_KEYS = {"running", "waiting", "iteration_time_s", "kv_cache_usage", "prefix_cache_hit_rate", "num_preemptions",
+              "num_free_blocks", "shutting_down", "triton_compiles", "pending", "dead"}
+
+
+def test_stats_has_every_key_from_the_start(llm):
+    """Before any response has carried the engine's load, every key is there, with the engine's values."""
+    stats = llm.stats()
+    assert set(stats) >= STATS_KEYS, STATS_KEYS - set(stats)
+    assert stats["num_free_blocks"] == llm.info["num_kv_blocks"] - 1  # block 0 is never handed out
+    assert stats["kv_cache_usage"] == 0.0 and stats["running"] == stats["waiting"] == stats["pending"] == 0
+    assert stats["dead"] is None and stats["shutting_down"] is False
+
+
 def test_startup_says_where_its_time_went(llm):
     stages = llm.info["startup_stages_s"]
     assert {"load_model", "size_kv_cache", "allocate_kv_cache"} <= set(stages)
-    assert all(v >= 0 for v in stages.values())
+    # durations, not clock readings: each within the whole start-up; loading weights takes measurable time
+    assert all(0 <= v <= llm.startup_s for v in stages.values()), stages
+    assert stages["load_model"] > 0
     # rank 0's own time (imports included) covers its stages and fits inside the proxy's wall time
     assert sum(stages.values()) <= llm.info["startup_s"] <= llm.startup_s + 0.5
 
@@ -175,8 +190,11 @@ def test_idle_ranks_sleep_instead_of_spinning(llm):
     assert len(ranks) == 2
     time.sleep(0.5)  # the last publish is out; the engine is idle
     before = [sum(p.cpu_times()[:2]) for p in ranks]
-    time.sleep(2.0)
+    start = time.monotonic()
+    time.sleep(3.0)
     used = [sum(p.cpu_times()[:2]) - b for p, b in zip(ranks, before, strict=True)]
-    assert all(u < 0.2 for u in used), f"CPU seconds used in 2 s of idling, per rank: {used}"  # a spinner: ~2
+    share = [u / (time.monotonic() - start) for u in used]
+    # A spinner takes a core (share ~1; still ~0.5 with 4 runnable processes on 2 cores); a sleeper ~0.01.
+    assert all(s < 0.1 for s in share), f"share of a core used while idle, per rank: {share}"
     out = llm.generate([prompt(2, 3)], GREEDY)[0]  # and the doorbell wakes every rank again
     assert out.finish_reason == "length"

@@ -23,6 +23,7 @@ CHANGED = dict(
     max_seq_len=333, max_num_tokens=77, max_chunk_tokens=9, stream_interval=2, seed=2**40, enable_overlap=False,
     early_first_token=False, block_size=32, kv_cache_tokens=4096, gpu_memory_utilization=0.55,
     enable_prefix_caching=False, enforce_eager=True, mpirun_args=("--hostfile", "my hosts", "-x", "A='b c'"),
+    heartbeat_timeout=2.5,
 )
 
 
@@ -104,7 +105,7 @@ def test_options_reach_the_engine():
     """LLM kwargs -> mpirun and the workers' argv -> build_engine -> READY info, on real ranks."""
     options = dict(max_seq_len=64, max_num_tokens=48, block_size=32, kv_cache_tokens=512, gpu_memory_utilization=0.5,
                    enable_prefix_caching=False, enforce_eager=True, seed=7, stream_interval=2, max_batch_size=3,
-                   mpirun_args=("-x", "TPSERVE_TEST_MARK=1"))
+                   heartbeat_timeout=7.5, mpirun_args=("-x", "TPSERVE_TEST_MARK=1"))
     with LLM(str(built_model("llama")), tensor_parallel_size=2, **options) as llm:
         assert llm.engine_args == EngineArgs(model=str(built_model("llama")), tensor_parallel_size=2, **options)
         shown = {k: llm.info[k] for k in options if k != "mpirun_args"}
@@ -119,3 +120,61 @@ def test_a_step_budget_below_the_batch_is_refused_clearly():
     with pytest.raises(ValueError, match="max_num_tokens=8 is below max_batch_size=16"):
         EngineArgs(max_num_tokens=8, max_batch_size=16)
     EngineArgs(max_num_tokens=16, max_batch_size=16)
+
+
+def test_engine_options_given_with_connect_are_refused(tmp_path):
+    """An attached engine runs with the options it was started with: options given here would be ignored."""
+    from tpserve import wire
+
+    conn = tmp_path / "engine.json"
+    wire.ConnectionInfo("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", wire.new_key()).write(str(conn))
+    with pytest.raises(ValueError, match="connect=.*max_batch_size, max_seq_len"):
+        LLM(connect=str(conn), max_batch_size=8, max_seq_len=64)
+    with pytest.raises(ValueError, match="connect=.*model"):
+        LLM("some/model", connect=str(conn))
+
+
+def test_the_worker_refuses_a_tensor_parallel_size_that_is_not_its_worlds(tmp_path):
+    """The MPI world decides the size: a different --tensor-parallel-size is refused, not ignored."""
+    from helpers import run_group
+
+    from tpserve.proxy.launcher import mpi_environment, mpirun_path
+
+    cmd = [mpirun_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-m", "tpserve.worker", "--model",
+           str(built_model("llama")), "--tensor-parallel-size", "2", "--connection-file", str(tmp_path / "c.json")]
+    r = run_group(cmd, 120, env=mpi_environment(1))
+    assert r.returncode != 0 and "--tensor-parallel-size 2 does not match the MPI world of 1" in r.stdout, r.stdout[-3000:]
+    assert not (tmp_path / "c.json").exists()
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_readme_lists_every_option_as_engine_args_defines_it():
+    """The README's LLM signature and its flag list are generated from EngineArgs (engine_args.readme_*):
+    an option added, renamed or given another default shows here until the README says so."""
+    from tpserve import engine_args
+
+    readme = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert _flat(engine_args.readme_signature()) in readme, engine_args.readme_signature()
+    assert _flat(engine_args.readme_flags()) in readme, engine_args.readme_flags()
+
+
+def test_default_texts_say_what_the_engine_does():
+    """The help's words for a derived default match the function that derives it."""
+    from tpserve.executor.engine import (
+        CPU_MAX_POOL_TOKENS_PER_REQUEST,
+        default_max_chunk_tokens,
+        default_max_num_tokens,
+    )
+
+    shown = {f.name: f.metadata["shown"] for f in dataclasses.fields(EngineArgs)}
+    assert default_max_num_tokens("cuda", 16) == 8192 and default_max_num_tokens("cpu", 16) == 2048
+    assert default_max_num_tokens("cpu", 4096) == 4096
+    assert shown["max_num_tokens"] == "8192 on GPU, 2048 on CPU, at least max_batch_size"
+    assert default_max_chunk_tokens(2048) == 512 and shown["max_chunk_tokens"] == "max_num_tokens / 4"
+    assert str(CPU_MAX_POOL_TOKENS_PER_REQUEST) in shown["kv_cache_tokens"] and "gpu_memory_utilization" in shown[
+        "kv_cache_tokens"]
+    readme = _flat((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "takes `gpu_memory_utilization` of the memory left after the weights" not in readme

@@ -52,7 +52,7 @@ def test_small_pool_chunked_prefill_and_prefix_hits_match_hf(reference, tp):
         assert stats["num_preemptions"] > 0, stats
         assert 0 < stats["prefix_cache_hit_rate"] <= 1, stats
         assert wait_stats(llm, "kv_cache_usage", 0.0) == 0.0
-        assert stats["num_free_blocks"] <= 25
+        assert wait_stats(llm, "num_free_blocks", 25) == 25  # every one of the 25 blocks back, free or cached
 
 
 def test_seeded_sampling_is_the_same_with_and_without_preemption():

@@ -80,3 +80,37 @@ def test_prompt_scoring_requests_share_a_bounded_number_of_positions_per_step():
     assert seen[0] == [(1, 512), (3, 300)]  # the plain one is not held back; the second scored one waits
     assert all(r.num_cached_tokens == 0 for r in scored)
     assert plain.num_computed == 300
+
+
+def test_a_head_that_does_not_fit_is_looked_up_once_and_counted_once(monkeypatch):
+    """Under memory pressure the waiting head is looked up once, not re-admitted, re-hashed and counted as a
+    prefix-cache hit every step, and its cached blocks keep their place in the LRU until it is admitted."""
+    from tpserve.executor import block_manager
+
+    blocks = BlockManager(9, 4)  # 8 usable blocks
+    scheduler = Scheduler(blocks, max_batch_size=4, max_num_tokens=64)
+    prefix = list(range(100, 116))
+    first = Request(1, prefix, SamplingParams(max_tokens=4), False)
+    scheduler.add(first)
+    scheduler.schedule()
+    scheduler.remove(first)  # its 4 blocks stay cached, evictable
+    hog = Request(2, list(range(200, 216)), SamplingParams(max_tokens=4), False)
+    scheduler.add(hog)
+    scheduler.schedule()  # takes the 4 free blocks
+    head = Request(3, prefix + [7] * 8, SamplingParams(max_tokens=4), False)  # 4 cached blocks + 2 new: no room
+    scheduler.add(head)
+    lru = list(blocks._evictable)
+    hashes = []
+    real = block_manager.block_hash
+    monkeypatch.setattr(block_manager, "block_hash", lambda *a: hashes.append(1) or real(*a))
+    for _ in range(5):
+        assert scheduler.schedule().seqs == []
+        assert scheduler.waiting[0] is head and head not in scheduler.running
+    assert len(hashes) <= 5, f"{len(hashes)} block hashes for one head over 5 steps"
+    assert list(blocks._evictable) == lru
+    assert blocks.prefix_cache_hit_rate == 0.0  # nothing admitted yet with a hit
+    scheduler.remove(hog)  # something changes: room for the head
+    batch = scheduler.schedule()
+    assert [(s.request.request_id, s.start_pos, s.num_tokens) for s in batch.seqs] == [(3, 16, 8)]
+    assert head.num_cached_tokens == 16
+    assert blocks.prefix_cache_hit_rate == 16 / (16 + 16 + 24)  # every admission counted once

@@ -69,6 +69,9 @@ class ServerProcess:
         return self.proc.returncode
 
 
+BODY_TIMEOUT_S = 3.0  # the module server's bound on receiving a body
+
+
 def start_server(log_dir: Path, *extra: str, timeout: float = 120) -> ServerProcess:
     """``python -m tpserve.server.run`` on a free loopback port, ready when /health answers 200."""
     port = free_port()
@@ -92,7 +95,7 @@ def start_server(log_dir: Path, *extra: str, timeout: float = 120) -> ServerProc
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("server"))
+    s = start_server(tmp_path_factory.mktemp("server"), "--body-timeout", str(BODY_TIMEOUT_S))
     yield s
     s.stop()
 
@@ -377,6 +380,8 @@ def test_client_disconnect_aborts_the_request(server, client):
 
 
 def test_metrics_parse_and_move(server, client):
+    usage = ("tpserve_kv_cache_usage_perc", ())
+    wait_for(lambda: metric_values(server)[usage] == 0.0, 10, "an idle engine")
     before = metric_values(server)
     client.completions.create(model=MODEL, prompt="count me", max_tokens=7, **GREEDY)
     after = metric_values(server)
@@ -397,9 +402,18 @@ def test_metrics_parse_and_move(server, client):
                   "tpserve_num_preemptions_total"):
         assert (gauge, ()) in after, gauge
     assert after[("tpserve_iteration_time_seconds", ())] > 0
-    assert 0.0 <= after[("tpserve_kv_cache_usage_perc", ())] <= 1.0
-    assert 0.0 <= after[("tpserve_prefix_cache_hit_rate", ())] <= 1.0
-    assert after[("tpserve_num_free_blocks", ())] > 0 and after[("tpserve_num_preemptions_total", ())] >= 0
+    # Once the request has ended every block is back (free or cached): a leak would show here.
+    wait_for(lambda: metric_values(server)[usage] == 0.0, 10, "the request's blocks freed")
+    idle = metric_values(server)
+    assert idle[("tpserve_num_free_blocks", ())] == before[("tpserve_num_free_blocks", ())] > 0
+    assert idle[("tpserve_num_preemptions_total", ())] == before[("tpserve_num_preemptions_total", ())]  # big pool
+    # The same long prompt twice: the second is served from the prefix cache, and the gauge says so.
+    prompt = "a prompt long enough to fill several blocks of sixteen tokens each, " * 3
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, **GREEDY)
+    wait_for(lambda: metric_values(server)[usage] == 0.0, 10, "an idle engine")
+    once = metric_values(server)[("tpserve_prefix_cache_hit_rate", ())]
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, **GREEDY)
+    wait_for(lambda: metric_values(server)[("tpserve_prefix_cache_hit_rate", ())] > once, 10, "a prefix-cache hit")
     families = {f.name: f.type for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
     assert families["tpserve_num_preemptions"] == "counter" and families["tpserve_num_free_blocks"] == "gauge"
 
@@ -531,6 +545,37 @@ def test_tiny_temperatures_sample_greedily(client):
 # -- the end of a server -------------------------------------------------------------------------------
 
 
+def test_a_body_sent_slowly_is_cut_off_and_the_server_serves_on(server, client):
+    """A client that sends its body slowly (here: 10 of 1,000 bytes, then nothing) does not hold its
+    connection forever: past --body-timeout it gets 408 and the connection ends."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"prompt\":")
+        start = time.monotonic()
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes (bounded by the socket's 30 s timeout)
+            answer += chunk
+        took = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"body" in answer and took >= BODY_TIMEOUT_S - 0.5, (took, answer[-300:])
+    out = client.completions.create(model=MODEL, prompt="still here", max_tokens=3, **GREEDY)
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_a_body_of_more_values_than_any_request_is_refused_before_validation(server):
+    """A body can hold millions of values (an 8 MiB list of empty lists): validating them all holds the event
+    loop for seconds. More values than any request this server can serve are refused unvalidated (413)."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/completions", content=b'{"prompt": [' + b",".join([b"[]"] * 1_000_000) + b"]}",
+                      headers={"content-type": J})
+        assert r.status_code == 413 and "values" in r.json()["error"]["message"], r.text[:300]
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * 100_000})
+        assert r.status_code == 413 and "values" in r.json()["error"]["message"], r.text[:300]
+        assert http.get("/health").status_code == 200
+
+
 def test_a_request_the_kv_pool_can_never_hold_is_refused_as_too_long(tmp_path):
     """A KV pool smaller than the context: a prompt plus max_tokens beyond the pool could never run (the
     engine ends it with an error, which was a 500), so the server's context is the smaller of the two."""
@@ -601,3 +646,4 @@ def test_sigterm_ends_streams_with_a_final_event_and_exits_0(server):
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/health", timeout=2)
+

@@ -42,8 +42,17 @@ def engine(**kw) -> LLM:
     return LLM(model=str(built_model("llama")), tensor_parallel_size=2, max_seq_len=2100, max_batch_size=8, **kw)
 
 
+def assert_no_bound_expired(trace_dir: Path) -> None:
+    """The proxy's shutdown waited out none of its bounds (the goodbye, the workers' exit): checked in its
+    trace, so a slow machine cannot fail it and a shutdown that met a bound cannot pass."""
+    lines = [line for p in trace_dir.glob("*.log") for line in p.read_text(errors="replace").splitlines()]
+    waits = [line.split("\t", 8)[-1] for line in lines if "\tproxy\twait_" in line]
+    assert waits and not any("outcome=timeout" in w for w in waits), waits
+
+
 @pytest.mark.parametrize("victim", [0, 1])
-def test_a_killed_rank_fails_pending_requests_and_leaves_nothing(victim):
+def test_a_killed_rank_fails_pending_requests_and_leaves_nothing(victim, tmp_path, monkeypatch):
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TRACE_DIR", str(tmp_path))
     llm = engine()
     sid = llm.workers.pid
     streams = [llm.generate_stream([3, 4, 5 + i], LONG) for i in range(4)]
@@ -51,19 +60,20 @@ def test_a_killed_rank_fails_pending_requests_and_leaves_nothing(victim):
     start = time.monotonic()
     ranks_of(llm)[victim].kill()
     for s in streams:
-        out = s.result(timeout=10)
+        out = s.result(timeout=60)
         assert out.finish_reason == "error"
         assert "EngineDeadError" in out.error and f"rank {victim}" in out.error and "signal 9" in out.error, out.error
-    assert time.monotonic() - start < 5
+    # Seen by mpirun's exit (0.6 s here), not by a silence or send bound (30 s): a margin a loaded machine holds.
+    assert time.monotonic() - start < 20
     with pytest.raises(EngineDeadError):
         llm.generate([[1, 2]])
-    start = time.monotonic()
     llm.shutdown()
-    assert time.monotonic() - start < 10
-    wait_gone(sid, 5)
+    assert_no_bound_expired(tmp_path)
+    wait_gone(sid, 10)
 
 
-def test_an_exception_in_one_ranks_loop_is_reported_with_its_rank():
+def test_an_exception_in_one_ranks_loop_is_reported_with_its_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TRACE_DIR", str(tmp_path))
     os.environ["TPSERVE_FAULT_RAISE"] = "1:5"
     try:
         llm = engine()
@@ -73,13 +83,13 @@ def test_an_exception_in_one_ranks_loop_is_reported_with_its_rank():
     out = llm.generate([[7, 8, 9]], LONG)[0]
     assert out.finish_reason == "error"
     assert "rank 1" in out.error and "injected fault at iteration 5" in out.error, out.error
-    start = time.monotonic()
     llm.shutdown()
-    assert time.monotonic() - start < 10
-    wait_gone(sid, 5)
+    assert_no_bound_expired(tmp_path)
+    wait_gone(sid, 10)
 
 
-def test_shutdown_ends_every_in_flight_stream():
+def test_shutdown_ends_every_in_flight_stream(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TRACE_DIR", str(tmp_path))
     llm = engine()
     sid = llm.workers.pid
     ends: dict[int, tuple] = {}
@@ -92,11 +102,10 @@ def test_shutdown_ends_every_in_flight_stream():
     for t in threads:
         t.start()
     time.sleep(0.5)
-    start = time.monotonic()
     llm.shutdown()
-    assert time.monotonic() - start < 10
+    assert_no_bound_expired(tmp_path)
     for t in threads:
-        t.join(10)
+        t.join(30)
     assert len(ends) == 24 and all(fin and reason == "abort" for fin, reason, _ in ends.values()), ends
     wait_gone(sid, 5)
 
@@ -235,12 +244,15 @@ def test_ctrl_c_during_generate(tmp_path, presses):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             proc.send_signal(signal.SIGINT)
-        proc.wait(15)
-        assert time.monotonic() - start < (5 if presses == 2 else 15)
+        proc.wait(30)
+        # forced: well under the 10 s that an unforced shutdown of stopped workers waits for their goodbye
+        assert presses == 1 or time.monotonic() - start < 9
         assert "KeyboardInterrupt" in proc.stderr.read()
         wait_gone(sid, 5)
         if presses == 2:
             assert "proxy\tforced" in "".join(p.read_text() for p in tmp_path.glob("*.log"))
+        else:
+            assert_no_bound_expired(tmp_path)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -257,7 +269,9 @@ def test_a_wedged_rank_shows_in_the_trace_with_its_peers_stacks(tmp_path, monkey
     os.kill(ranks[1].pid, signal.SIGSTOP)  # rank 1 goes quiet: rank 0 hangs in the next collective
     start = time.monotonic()
     llm.shutdown()
-    assert time.monotonic() - start < 40  # every bound expired in turn, then SIGKILL of the session
+    # every bound expired in turn (goodbye 10 s, workers 10 s, SIGTERM 5 s), then SIGKILL of the session: 30 s
+    # of bounds, with a margin a loaded machine holds
+    assert time.monotonic() - start < 60
     wait_gone(sid, 10)
     capsys.readouterr()
     # mpirun may resume the stopped rank while it forwards SIGTERM (then all end late) or not (SIGKILL)

@@ -5,7 +5,7 @@ import time
 import pytest
 from helpers import built_model, worker_processes
 
-from tpserve import LLM, WorkerStartupError, trace_view
+from tpserve import LLM, ModelNotFoundError, WorkerStartupError, trace_view
 
 
 def assert_no_workers_left():
@@ -16,9 +16,16 @@ def assert_no_workers_left():
 
 
 def test_missing_model_directory(tmp_path):
+    """Found missing by the proxy, before any worker is launched."""
+    with pytest.raises(ModelNotFoundError, match=f"model directory {tmp_path / 'no-such-model'} does not exist"):
+        LLM(model=str(tmp_path / "no-such-model"), tensor_parallel_size=2)
+    assert not worker_processes()
+
+
+def test_a_directory_without_a_model_fails_on_the_workers(tmp_path):
     start = time.monotonic()
     with pytest.raises(WorkerStartupError, match="config.json|does not exist|not found") as err:
-        LLM(model=str(tmp_path / "no-such-model"), tensor_parallel_size=2)
+        LLM(model=str(tmp_path), tensor_parallel_size=2)
     assert time.monotonic() - start < 60
     assert "rank" in str(err.value)
     assert_no_workers_left()
@@ -56,3 +63,12 @@ def test_a_failed_start_traces_every_process_exit(tmp_path, monkeypatch, capsys)
     assert trace_view.main([str(tmp_path), "--no-html"]) == 0
     out = capsys.readouterr().out
     assert "UNFINISHED" not in out and out.count("worker/exit code=1 at") == 2
+
+
+def test_engine_warnings_reach_the_users_stderr(capfd):
+    """Rank 0's warnings are the user's to read: they reach this process's stderr, not only a log that is
+    deleted at shutdown."""
+    with LLM(model=str(built_model("llama")), max_seq_len=256, kv_cache_tokens=64) as llm:
+        assert llm.info["kv_cache_tokens"] < 256
+    err = capfd.readouterr().err
+    assert "the KV cache pool holds 64 tokens, fewer than max_seq_len=256" in err, err[-2000:]

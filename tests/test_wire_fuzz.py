@@ -235,7 +235,7 @@ def test_hostile_frames_do_not_hurt_the_engine(engine):
         t0 = time.monotonic()
         with pytest.raises(EngineBusyError, match="another client is attached"):
             LLM(connect=str(engine.conn_path))
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 9  # refused, not left to wait out the 10 s attach bound
         fuzz.pump(0.2)
 
         for frames in bad_tag_frames(fuzz):

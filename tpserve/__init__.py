@@ -1,6 +1,6 @@
 """tpserve: a ZeroMQ proxy in front of tensor-parallel MPI workers running an overlap loop."""
 
-from tpserve.errors import EngineBusyError, EngineDeadError, WorkerStartupError
+from tpserve.errors import EngineBusyError, EngineDeadError, ModelNotFoundError, WorkerStartupError
 from tpserve.proxy.llm import LLM
 from tpserve.proxy.outputs import RequestMetrics, RequestOutput, StreamChunk
 from tpserve.sampling_params import SamplingParams
@@ -9,6 +9,7 @@ __all__ = [
     "LLM",
     "EngineBusyError",
     "EngineDeadError",
+    "ModelNotFoundError",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",

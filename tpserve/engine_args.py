@@ -33,7 +33,8 @@ def option(default: Any, help: str, *, aliases: tuple[str, ...] = (), low: float
 class EngineArgs:
     """Everything the workers are started with (``connect`` and ``startup_timeout`` are the proxy's own)."""
 
-    model: str | None = option(None, "Hugging Face model directory (default: the built-in SmolLM2-135M-Instruct)")
+    model: str | None = option(None, "Hugging Face model directory (~ expanded) or hub id (Qwen/Qwen3-0.6B: from "
+                               "the local cache or downloaded) (default: the built-in SmolLM2-135M-Instruct)")
     tensor_parallel_size: int = option(1, "tensor-parallel size: MPI ranks", aliases=("--tp",), low=1)
     device: str = option("auto", "cpu, cuda or auto (CUDA when present)")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on CPU, the checkpoint's on GPU)")
@@ -41,7 +42,7 @@ class EngineArgs:
     max_seq_len: int | None = option(None, "longest request, prompt + output", low=1,
                                      default_text="the model's context")
     max_num_tokens: int | None = option(None, "token budget of one step; longer prompts are chunked", low=1,
-                                        default_text="by device and max_seq_len")
+                                        default_text="8192 on GPU, 2048 on CPU, at least max_batch_size")
     max_chunk_tokens: int | None = option(None, "most prompt tokens of one request in one step, so a long "
                                           "prompt leaves room for the ones behind it", low=1,
                                           default_text="max_num_tokens / 4")
@@ -52,10 +53,17 @@ class EngineArgs:
     early_first_token: bool = option(True, "publish a first token as soon as the host has it")
     block_size: int = option(16, "tokens per KV cache block", low=1)
     kv_cache_tokens: int | None = option(None, "KV pool capacity in tokens", low=1,
-                                         default_text="from the memory left after the weights")
-    gpu_memory_utilization: float = option(0.9, "share of GPU memory the engine may use", above=0, high=1)
+                                         default_text="on GPU, what gpu_memory_utilization leaves after the weights "
+                                         "and a profiling step; on CPU, max_batch_size requests of up to 4096 "
+                                         "tokens, within a quarter of the free memory")
+    gpu_memory_utilization: float = option(0.9, "share of the GPU's total memory for this engine's weights, "
+                                           "activations and KV pool together with what others already use on it",
+                                           above=0, high=1)
     enable_prefix_caching: bool = option(True, "share the KV blocks of common prompt prefixes")
     enforce_eager: bool = option(False, "never capture CUDA graphs")
+    heartbeat_timeout: float = option(5.0, "seconds rank 0 waits without a word from its client: then an attached "
+                                      "engine ends that client's session, and a spawned engine that cannot watch "
+                                      "its proxy's process ends", above=0)
     mpirun_args: tuple[str, ...] = option((), "extra mpirun arguments (one string, shlex-split)")
 
     def __post_init__(self) -> None:
@@ -135,6 +143,31 @@ class EngineArgs:
         return argv
 
 
+def readme_signature() -> str:
+    """``LLM(...)``'s signature with every option's default, as the README shows it (a test compares)."""
+    def shown(v: Any) -> str:
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+
+    opts = [f"{f.name}={shown(f.default)}" for f in dataclasses.fields(EngineArgs)]
+    return f"LLM({', '.join(opts)}, connect=None, startup_timeout=300)"
+
+
+def readme_flags() -> str:
+    """Every option's flag, as the README lists them (a test compares)."""
+    hints, items = _hints(), []
+    for f in dataclasses.fields(EngineArgs):
+        flag, kind, aliases = _flag(f.name), _base(hints[f.name]), f.metadata["aliases"]
+        if kind is bool:
+            text = f"`--[no-]{flag[2:]}`" + "".join(f" (or `{a}`)" for a in aliases)
+        elif kind is tuple:
+            text = f'`{flag} "ARGS"` (one string, split like a shell would)'
+        else:
+            meta = "DIR" if f.name == "model" else {int: "N", float: "X"}.get(kind, "S")
+            text = f"`{flag} {meta}`" + "".join(f" (or `{a} {meta}`)" for a in aliases)
+        items.append(text)
+    return ", ".join(items[:-1]) + ", and " + items[-1]
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -174,3 +207,8 @@ def _checked(f: dataclasses.Field, hint: Any, value: Any) -> Any:
                       f"<= {high}" if high is not None else ""]
             raise ValueError(f"{f.name}={value!r}: must be {' and '.join(b for b in bounds if b)}")
     return value
+
+
+if __name__ == "__main__":  # python -m tpserve.engine_args: the README's option texts, to paste
+    print(readme_signature())
+    print(readme_flags())

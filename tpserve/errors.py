@@ -15,3 +15,8 @@ class EngineDeadError(RuntimeError):
 
 class EngineBusyError(RuntimeError):
     """``LLM(connect=...)`` found the engine serving another client: one client at a time."""
+
+
+class ModelNotFoundError(ValueError):
+    """The model is neither a local directory nor a Hugging Face hub model that could be found; raised by
+    ``LLM(...)`` before any worker is launched."""

@@ -10,6 +10,9 @@ the msgpack payload ``[session, engine, seq, kind, fields]``. No pickle anywhere
 A frame that fails the tag check or does not decode is dropped and counted by the ``Codec``; one that
 decodes but breaks its kind's schema comes back as a ``Frame`` without a message, with the reason and
 its request id when it has a usable one. Decoding never raises into a socket thread.
+Decoding is in two steps, so that a receiver's work per frame is bounded: the envelope first (each element's
+type checked from its first byte before it is read), so a frame of another session is dropped with its
+body unread; then the body, with msgpack's bounds on the lengths that its kind allows (``BodyLimits``).
 The MPI broadcast between ranks reuses the msgpack encoding (without tag or envelope: MPI is trusted).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import math
 import os
@@ -398,6 +402,107 @@ class Frame:
     request_id: int | None = None  # of a refused message, when it has a usable one
 
 
+@dataclass
+class Envelope:
+    """A signed frame whose envelope is read and whose body is not yet: ``Codec.body`` decodes it."""
+
+    session: bytes
+    engine: bytes
+    seq: int
+    kind: str | None  # None: not a short string (the body's check refuses it)
+    payload: bytes
+    offset: int  # where the body starts in ``payload``
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """The most a body may hold, per msgpack object: longer arrays, maps, strings or bytes are refused by
+    the decoder before anything is built. ``array`` bounds a Submit's token ids (the engine's max_seq_len)."""
+
+    array: int = 1 << 24
+    map: int = 1 << 16
+    str: int = 1 << 24
+    bin: int = 1 << 24
+    intake: bool = False  # rank 0's: only a Submit may be large; every other kind a proxy sends is small
+
+    def for_kind(self, kind: str | None) -> dict[str, int]:
+        """msgpack's bounds for a body of ``kind``, and ``containers``: the most lists and maps it may hold
+        (so nesting cannot multiply the work; generous enough that a hostile field 1,000 deep is still
+        refused by its schema, by name)."""
+        small = {"max_array_len": 8, "max_map_len": 8, "max_str_len": 64, "max_bin_len": 64, "max_ext_len": 0,
+                 "containers": 2048}
+        if kind == Submit.KIND:  # token ids, sampling params (a few dozen keys, short lists and strings)
+            return {"max_array_len": max(self.array, 1 << 16), "max_map_len": 64, "max_str_len": 1 << 12,
+                    "max_bin_len": 1 << 12, "max_ext_len": 0, "containers": 4096}
+        if self.intake or kind not in SCHEMAS or kind in (Hello.KIND, Abort.KIND, Shutdown.KIND, Heartbeat.KIND):
+            return small
+        return {"max_array_len": self.array, "max_map_len": self.map, "max_str_len": self.str,
+                "max_bin_len": self.bin, "max_ext_len": 0}
+
+
+# First bytes of msgpack's types, to check an envelope element's type before reading it.
+_BIN = {0xC4, 0xC5, 0xC6}
+_STR = {*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB}
+_UINT = {*range(0x00, 0x80), 0xCC, 0xCD, 0xCE, 0xCF}
+
+
+def _header_len(payload: bytes, pos: int) -> int | None:
+    """The length in a str or bin header at ``pos`` (None: neither, or cut short)."""
+    b = payload[pos] if pos < len(payload) else -1
+    if 0xA0 <= b <= 0xBF:
+        return b & 0x1F
+    size = {0xC4: 1, 0xD9: 1, 0xC5: 2, 0xDA: 2, 0xC6: 4, 0xDB: 4}.get(b)
+    if size is None or pos + 1 + size > len(payload):
+        return None
+    return int.from_bytes(payload[pos + 1 : pos + 1 + size], "big")
+
+
+def _read_envelope(payload: bytes) -> tuple[bytes, bytes, int, str | None, int] | None:
+    """(session, engine, seq, kind, body offset), reading nothing but the envelope; None if it is unsound.
+    A kind that is not a short string is skipped unbuilt and given as None (the body's check refuses it)."""
+    u = msgpack.Unpacker(io.BytesIO(payload), raw=False, read_size=256, max_buffer_size=max(len(payload), 256))
+    try:
+        if u.read_array_header() != 5:
+            return None
+        values = []
+        for allowed in (_BIN, _BIN, _UINT):
+            pos = u.tell()
+            if pos >= len(payload) or payload[pos] not in allowed:
+                return None
+            if allowed is _BIN and (_header_len(payload, pos) or 0) > NONCE_BYTES:
+                return None
+            values.append(u.unpack())
+        pos = u.tell()
+        short = pos < len(payload) and payload[pos] in _STR and (_header_len(payload, pos) or 65) <= 64
+        kind = u.unpack() if short else None
+        if not short:
+            u.skip()
+        offset = u.tell()
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData):
+        return None
+    session, engine, seq = values
+    if len(session) != NONCE_BYTES or len(engine) not in (0, NONCE_BYTES) or not 0 < seq < INT64:
+        return None
+    return session, engine, seq, kind, offset
+
+
+def _salvage_request_id(body: bytes) -> int | None:
+    """The request id of a body too large to decode, read without building the rest (msgpack's ``skip``)."""
+    u = msgpack.Unpacker(io.BytesIO(body), raw=False, max_str_len=64, max_bin_len=0, max_ext_len=0)
+    try:
+        for _ in range(min(u.read_map_header(), 16)):
+            if body[u.tell()] not in _STR:
+                return None
+            if u.unpack() != "request_id":
+                u.skip()
+                continue
+            rid = u.unpack()
+            return rid if type(rid) is int and -INT64 <= rid < INT64 else None
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException, msgpack.OutOfData):
+        return None
+    return None
+
+
 class Codec:
     """Signs and checks frames under one key; counts what it drops instead of raising."""
 
@@ -415,25 +520,54 @@ class Codec:
         payload = msgpack.packb([session, engine, seq, msg.KIND, _fields(msg)], use_bin_type=True)
         return [self._tag(payload), payload]
 
-    def decode(self, frames: list[bytes]) -> Frame | None:
+    def decode(self, frames: list[bytes], limits: BodyLimits | None = None) -> Frame | None:
         """The frame, or None (counted in ``dropped``) for a bad tag or envelope. A sound envelope around
-        a message that breaks its schema gives a ``Frame`` whose ``msg`` is None, with ``error``."""
+        a message that breaks its schema (or ``limits``) gives a ``Frame`` whose ``msg`` is None, with
+        ``error``."""
+        env = self.envelope(frames)
+        return None if env is None else self.body(env, limits)
+
+    def envelope(self, frames: list[bytes]) -> Envelope | None:
+        """Checks the tag and reads the envelope only (bounded work, whatever the body); None (counted in
+        ``dropped``) for a bad tag or envelope."""
         if len(frames) == 2 and hmac.compare_digest(self._tag(frames[1]), frames[0]):
-            try:
-                env = _unpackb(frames[1])
-            except ValueError:
-                env = None
-            if (type(env) is list and len(env) == 5 and type(env[0]) is bytes and len(env[0]) == NONCE_BYTES
-                    and type(env[1]) is bytes and len(env[1]) in (0, NONCE_BYTES)
-                    and type(env[2]) is int and 0 < env[2] < INT64):
-                session, engine, seq, kind, body = env
-                try:
-                    return Frame(session, engine, seq, build(kind, body))
-                except Invalid as e:
-                    return Frame(session, engine, seq, None, str(e), e.request_id)
+            env = _read_envelope(frames[1])
+            if env is not None:
+                session, engine, seq, kind, offset = env
+                return Envelope(session, engine, seq, kind, frames[1], offset)
         with self._lock:
             self.dropped += 1
         return None
+
+    def body(self, env: Envelope, limits: BodyLimits | None = None) -> Frame:
+        """Decodes and checks the body of ``env`` within the bounds its kind allows."""
+        bounds = (limits or BodyLimits()).for_kind(env.kind)
+        containers = bounds.pop("containers", None)
+        hooks: dict[str, Callable[[Any], Any]] = {}
+        if containers is not None:
+            built = [0]
+
+            def count(container: Any) -> Any:
+                built[0] += 1
+                if built[0] > containers:
+                    raise ValueError(f"more than {containers} lists and maps")
+                return container
+
+            hooks = {"list_hook": count, "object_hook": count}
+        data = memoryview(env.payload)[env.offset:]
+        try:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=False, **bounds, **hooks)
+        except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+            why = f"{env.kind}: undecodable or over its bounds: {type(e).__name__}: {e}"
+            if env.kind == Submit.KIND:
+                why = (f"submit: more than {bounds['max_array_len']} token ids (the engine's max_seq_len) or list "
+                       f"items, or undecodable: {e}")
+            rid = _salvage_request_id(bytes(data)) if env.kind in (Submit.KIND, Abort.KIND) else None
+            return Frame(env.session, env.engine, env.seq, None, why, rid)
+        try:
+            return Frame(env.session, env.engine, env.seq, build(env.kind, body))
+        except Invalid as e:
+            return Frame(env.session, env.engine, env.seq, None, str(e), e.request_id)
 
 
 class SeqCheck:

@@ -29,12 +29,13 @@ def test_stale_ring_does_not_make_an_idle_rank_spin():
         comm.Barrier()
         if comm.Get_rank() == 0:
             threading.Timer(IDLE_S, q.put, args=(wire.Abort(request_id=7),)).start()
-        cpu = time.process_time()
+        cpu, wall = time.process_time(), time.monotonic()
         items = q.fetch(idle=True)
-        cpu = time.process_time() - cpu
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
         assert [type(i) for i in items] == [wire.Abort] and items[0].request_id == 7
         used = comm.allgather(cpu)
-        assert all(u < 0.3 * IDLE_S for u in used), f"CPU seconds per rank while idle for {IDLE_S} s: {used}"
+        # a share of the wall time it idled (a late timer on a loaded machine idles longer, and uses no more)
+        assert all(u < 0.3 * wall for u in used), f"CPU seconds per rank while idle for {wall:.2f} s: {used}"
         # The queue keeps working after it: a busy fetch (no doorbell) and one more idle one.
         if comm.Get_rank() == 0:
             q.put(wire.Abort(request_id=8))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import threading
@@ -174,7 +175,8 @@ def write_report(runs: list[dict], args: argparse.Namespace, command: str) -> st
         body += [f"**{run['model']}** on {run['device']} ({run['dtype']}, TP {run['tp']})", "", table(run), "",
                  ratios(run), ""]
     if args.plot:
-        body += [f"![TTFT and throughput]({Path(args.plot).name})", ""]
+        where = os.path.relpath(Path(args.plot).resolve(), Path(args.doc or ".").resolve().parent)
+        body += [f"![TTFT and throughput]({where})", ""]
     return "\n".join(body)
 
 
@@ -204,9 +206,10 @@ def add_bench_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--label", default="cpu", help="section name in the report (e.g. cpu, h100)")
-    p.add_argument("--doc", default="docs/benchmarks.md")
-    p.add_argument("--plot", default=None, help="PNG path (default: docs/bench_latency_<label>.png)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--doc", default=None,
+                   help="Markdown report to update (this label's section), e.g. docs/benchmarks.md; default: none")
+    p.add_argument("--plot", default=None, help="PNG plot to write, e.g. docs/bench_latency_<label>.png; default: none")
+    p.add_argument("--json", default=None, help="JSON of every figure to write; default: none")
 
 
 def bench_latency_main(args: argparse.Namespace, command: str = "tpserve bench latency") -> int:
@@ -224,14 +227,16 @@ def bench_latency_main(args: argparse.Namespace, command: str = "tpserve bench l
             models.append(("Qwen3-0.6B-shaped (random)", str(path)))
         else:
             models.append((Path(m).name, m))
-    args.plot = args.plot or f"docs/bench_latency_{args.label}.png"
     runs = []
     for name, path in models:
         runs.append(bench_model(name, path, args))
         print(f"\n{name}\n{table(runs[-1])}\n{ratios(runs[-1])}", flush=True)
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(runs, Path(args.plot))
-    update_doc(Path(args.doc), args.label, write_report(runs, args, command))
+    # Files only where told: a benchmark run from a checkout must not rewrite its docs by default.
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot(runs, Path(args.plot))
+    if args.doc:
+        update_doc(Path(args.doc), args.label, write_report(runs, args, command))
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1), encoding="utf-8")
     return 0

@@ -66,6 +66,7 @@ class BlockManager:
         self._next_reg = ROOT_REG + 1
         self._lookup_tokens = 0
         self._hit_tokens = 0
+        self.cache_version = 0  # changes when a key is registered or evicted: a lookup may then differ
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,30 +86,52 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def admit(self, seq_id: int, token_ids: Sequence[int], use_cache: bool = True) -> int:
-        """Creates seq_id's table from the longest cached chain of full blocks matching token_ids, leaving at
-        least one token to compute (its logits are needed); returns the number of cached tokens.
-        ``use_cache=False``: an empty table (the sequence needs the logits of every position)."""
-        if seq_id in self._seqs:
-            raise ValueError(f"sequence {seq_id} already has a block table")
-        seq = self._seqs[seq_id] = _Seq()
-        if not self.enable_prefix_caching or not use_cache:
-            return 0
+    def match(self, token_ids: Sequence[int]) -> list[int]:
+        """The longest cached chain of full blocks matching token_ids, leaving at least one token to compute
+        (its logits are needed). No side effect: nothing is referenced, counted or moved in the LRU, so a
+        scheduler may look up a request that does not fit yet, and keep the answer while ``cache_version``
+        stays the same."""
+        if not self.enable_prefix_caching:
+            return []
         bs = self.block_size
+        found: list[int] = []
+        key, reg = ROOT_KEY, ROOT_REG
         for i in range((len(token_ids) - 1) // bs):
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
-            key = block_hash(seq.key, tokens)
+            key = block_hash(key, tokens)
             b = self._by_key.get(key)
-            if b is None or self._blocks[b].token_ids != tokens or self._blocks[b].parent_reg != seq.reg:
+            if b is None or self._blocks[b].token_ids != tokens or self._blocks[b].parent_reg != reg:
                 break
-            if self._blocks[b].ref == 0:
+            found.append(b)
+            reg = self._blocks[b].reg
+        return found
+
+    def free_after_match(self, matched: list[int]) -> int:
+        """The blocks a sequence admitted with ``matched`` could still grow into."""
+        return self.num_free_blocks - sum(1 for b in matched if self._blocks[b].ref == 0)
+
+    def admit(self, seq_id: int, token_ids: Sequence[int], matched: list[int] | None = None) -> int:
+        """Creates seq_id's table from the cached chain ``matched`` (``match(token_ids)`` when None, or when
+        the cache changed since) and counts the lookup for the hit rate, once per admission; returns the
+        number of cached tokens."""
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id} already has a block table")
+        found = self.match(token_ids) if matched is None else matched
+        seq = self._seqs[seq_id] = _Seq()
+        if not self.enable_prefix_caching:
+            return 0
+        for b in found:
+            block = self._blocks[b]
+            if block.ref == 0:
                 del self._evictable[b]
-            self._blocks[b].ref += 1
+            block.ref += 1
             seq.table.append(b)
-            seq.num_hashed, seq.key, seq.reg = i + 1, key, self._blocks[b].reg
+        if found:
+            last = self._blocks[found[-1]]
+            seq.num_hashed, seq.key, seq.reg = len(found), last.key, last.reg
         self._lookup_tokens += len(token_ids)
-        self._hit_tokens += len(seq.table) * bs
-        return len(seq.table) * bs
+        self._hit_tokens += len(found) * self.block_size
+        return len(found) * self.block_size
 
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) - len(self._seqs[seq_id].table) <= self.num_free_blocks
@@ -133,6 +156,7 @@ class BlockManager:
             b, _ = self._evictable.popitem(last=False)
             block = self._blocks[b]
             del self._by_key[block.key]
+            self.cache_version += 1
             block.key, block.token_ids, block.parent_reg, block.reg = None, (), ROOT_REG, ROOT_REG
         self._blocks[b].ref = 1
         return b
@@ -157,6 +181,7 @@ class BlockManager:
                 block.key, block.token_ids, block.parent_reg, block.reg = key, tokens, seq.reg, self._next_reg
                 self._by_key[key] = seq.table[i]
                 self._next_reg += 1
+                self.cache_version += 1
                 reg: int | None = block.reg
             elif self._blocks[holder].token_ids == tokens and self._blocks[holder].parent_reg == seq.reg:
                 reg = self._blocks[holder].reg  # same content cached by another sequence: chain through it

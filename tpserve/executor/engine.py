@@ -194,9 +194,13 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     num_blocks = comm.allreduce(mine, op=MPI.MIN)  # every rank's BlockManager must be the same
     kv = timed_stage("allocate_kv_cache", lambda: KVCache(config, size, num_blocks, args.block_size, device, dtype))
     capacity = (num_blocks - 1) * args.block_size
-    if capacity < max_seq_len and rank == 0:
-        print(f"tpserve: warning: the KV cache pool holds {capacity} tokens, fewer than max_seq_len={max_seq_len}: "
-              "longer requests will end with an error", file=sys.stderr, flush=True)
+    warnings = []  # for the user: READY carries them and the proxy prints them to the user's stderr
+    if capacity < max_seq_len:
+        warnings.append(f"the KV cache pool holds {capacity} tokens, fewer than max_seq_len={max_seq_len}: "
+                        "longer requests will end with an error")
+    if rank == 0:
+        for w in warnings:
+            print(f"tpserve: warning: {w}", file=sys.stderr, flush=True)
     blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
     graphs = None
     capture_s = 0.0
@@ -259,5 +263,6 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         "pid": os.getpid(),
         "startup_stages_s": timings,
         "startup_s": round(process_age(), 3),
+        "warnings": warnings,
     }
     return executor, info

@@ -53,6 +53,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        # The waiting head's last lookup that did not fit: (request, cache version, matched blocks). Kept
+        # until the prefix cache changes, so a head that waits for room is not re-hashed every step.
+        self._head_lookup: tuple[Request, int, list[int]] | None = None
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -83,14 +86,19 @@ class Scheduler:
             if req.scores_prompt and self._chunk_cap(req) == 0:
                 held.append(self.waiting.popleft())
                 continue
+            tokens = req.prompt_token_ids + req.output_token_ids
             # A request that scores its prompt computes every prompt position: no prefix-cache hits for it.
-            cached = self.blocks.admit(req.request_id, req.prompt_token_ids + req.output_token_ids,
-                                       use_cache=not req.scores_prompt)
+            matched = [] if req.scores_prompt else self._lookup(req, tokens)
+            if self.blocks.free_after_match(matched) == 0:  # not one block to compute into: wait, unadmitted
+                self._head_lookup = (req, self.blocks.cache_version, matched)
+                break
+            self._head_lookup = None
+            cached = self.blocks.admit(req.request_id, tokens, matched)
             if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
                 req.num_cached_tokens = cached
             req.num_computed = cached
             n = self._fit(req, min(req.num_tokens - cached, self._chunk_cap(req)))
-            if n == 0:
+            if n == 0:  # cannot happen with a free block and budget left; never admit a request with nothing
                 self.blocks.free(req.request_id)
                 req.num_computed = 0
                 break
@@ -107,6 +115,13 @@ class Scheduler:
         """A request that scores its prompt brings the logits of every position of its chunk: such chunks share
         ``SCORED_TOKENS_PER_STEP`` per step (0 left: it waits for the next step)."""
         return max(min(self.max_chunk_tokens, self.scored_budget), 0) if req.scores_prompt else self.max_chunk_tokens
+
+    def _lookup(self, req: Request, tokens: list[int]) -> list[int]:
+        """The head's cached prefix: the kept lookup while the prefix cache has not changed, else a new one."""
+        kept = self._head_lookup
+        if kept is not None and kept[0] is req and kept[1] == self.blocks.cache_version:
+            return kept[2]
+        return self.blocks.match(tokens)
 
     @staticmethod
     def _done_soon(req: Request) -> bool:

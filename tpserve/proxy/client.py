@@ -18,6 +18,9 @@ from tpserve.shutdown_trace import trace
 
 POLL_MS = 100
 HELLO_S = 0.5  # the handshake sends Hello this often until rank 0 answers
+SEND_WAIT_S = 1.0  # the most a send waits for room in the socket's queue (rank 0 not reading)
+SEND_RETRY_S = 0.005  # how often a waiting send tries again, holding no lock meanwhile
+ABORT_GIVE_UP_S = 10.0  # an abort unsent this long ends its stream here (still retried for the engine)
 
 
 class EngineClient:
@@ -34,11 +37,14 @@ class EngineClient:
         self.workers = workers
         self.silence_timeout = silence_timeout
         self.streams: dict[int, RequestStream] = {}
-        self.lock = threading.Lock()  # guards the push socket, its sequence number and ``streams``
+        self.lock = threading.Lock()  # guards ``streams`` and ``unsent_aborts``; never held across a send
+        self.send_lock = threading.Lock()  # the push socket and its sequence number; held for one try only
         self.sent = 0  # sequence number of the last frame sent
+        self.unsent_aborts: dict[int, float] = {}  # request id -> when its abort first failed to go out
         self.engine: bytes | None = None  # rank 0's nonce, from its first frame to this session
         self.inbound = wire.SeqCheck()
         self.foreign = 0  # signed frames of another session or engine, ignored
+        self.unrouted = 0  # deltas of requests this client has no stream for (ended here, or never sent)
         self.dead: str | None = None
         self.goodbye = threading.Event()
         self.stop = threading.Event()
@@ -78,15 +84,53 @@ class EngineClient:
 
     # -- send --------------------------------------------------------------------------------------------
 
-    def send(self, msg: wire.Message) -> bool:
-        """Numbers and sends one frame; a frame that could not be queued does not use its number."""
-        with self.lock:
-            try:
-                self.push.send_multipart(self.codec.encode(msg, self.session, self.sent + 1))
-            except (zmq.Again, zmq.ZMQError):
+    def send(self, msg: wire.Message, timeout: float = SEND_WAIT_S) -> bool:
+        """Numbers and sends one frame, waiting up to ``timeout`` for room; a frame that could not be queued
+        does not use its number. Each try is non-blocking under ``send_lock`` and the wait between tries
+        holds no lock, so a full queue (rank 0 stopped or busy) stalls this caller alone, never the dispatch
+        thread or the other streams' callers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.send_lock:
+                try:
+                    self.push.send_multipart(self.codec.encode(msg, self.session, self.sent + 1), zmq.DONTWAIT)
+                    self.sent += 1
+                    return True
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError:
+                    return False
+            if time.monotonic() >= deadline:
                 return False
-            self.sent += 1
-            return True
+            time.sleep(SEND_RETRY_S)
+
+    def abort(self, request_id: int) -> None:
+        """Asks rank 0 to end a request. An abort that cannot go out now is retried by the dispatch thread;
+        it concerns that request alone, so it never marks the engine dead."""
+        if not self.send(wire.Abort(request_id), timeout=0):
+            with self.lock:
+                self.unsent_aborts.setdefault(request_id, time.monotonic())
+            trace("proxy", "abort_unsent", request_id=request_id)
+
+    def _retry_aborts(self) -> None:
+        """Sends the aborts that could not go out (the dispatch thread, each pass). One that stays unsent
+        past ``ABORT_GIVE_UP_S`` ends its stream here, with the reason, and is still retried."""
+        with self.lock:
+            if not self.unsent_aborts:
+                return
+            waiting = dict(self.unsent_aborts)
+        now = time.monotonic()
+        for rid, since in waiting.items():
+            with self.lock:
+                stream = self.streams.get(rid)
+            if self.send(wire.Abort(rid), timeout=0):
+                with self.lock:
+                    self.unsent_aborts.pop(rid, None)
+            elif stream is not None and now - since > ABORT_GIVE_UP_S:
+                with self.lock:
+                    self.streams.pop(rid, None)
+                stream.fail("abort", f"the abort could not be sent to the engine for {ABORT_GIVE_UP_S:g} s: "
+                                     "ended here (the engine is told as soon as it reads again)")
 
     def submit(self, stream: RequestStream, msg: wire.Submit) -> None:
         with self.lock:
@@ -136,8 +180,9 @@ class EngineClient:
         while not self.stop.is_set():
             now = time.monotonic()
             if now >= next_heartbeat and not self.goodbye.is_set():
-                self.send(wire.Heartbeat(time.time()))
+                self.send(wire.Heartbeat(time.time()), timeout=0)  # one try: a dropped heartbeat uses no number
                 next_heartbeat = now + wire.HEARTBEAT_S
+            self._retry_aborts()
             if self.pull.poll(POLL_MS):
                 msg = self._receive()
                 if msg is not None:
@@ -181,6 +226,7 @@ class EngineClient:
                 if stream is not None and delta["finished"]:
                     del self.streams[rid]
             if stream is None:
+                self.unrouted += 1
                 continue
             try:
                 stream.on_delta(delta, received)
@@ -189,7 +235,7 @@ class EngineClient:
                     self.streams.pop(rid, None)
                 stream.fail("error", f"the proxy could not handle the request's output: {type(e).__name__}: {e}")
                 if not delta["finished"]:
-                    self.send(wire.Abort(rid))
+                    self.abort(rid)
 
     def mark_dead(self, reason: str) -> None:
         """Refuses new requests and fails every pending one with ``reason``."""
@@ -216,7 +262,7 @@ class EngineClient:
         self.pull.close(linger=0)
         self.ctx.term()
         trace("proxy", "sockets_closed", dropped_frames=self.codec.dropped, old_frames=self.inbound.old,
-              foreign_frames=self.foreign)
+              foreign_frames=self.foreign, unrouted=self.unrouted)
 
 
 RANK_DIED = re.compile(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -18,6 +20,7 @@ from tqdm import tqdm
 from tpserve import wire
 from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
+from tpserve.model_path import resolve_model
 from tpserve.proxy.client import EngineClient
 from tpserve.proxy.launcher import WorkerProcess, mpi_environment
 from tpserve.proxy.outputs import RequestOutput
@@ -35,7 +38,7 @@ class LLM:
 
     ``model=None`` serves the built-in default model (SmolLM2-135M-Instruct); ``connect="FILE"`` attaches
     to workers started by the user with ``--connection-file FILE`` instead of spawning them (the engine
-    options are then the workers' own, and the ones given here are not used). The keyword arguments are
+    options are then the workers' own: giving any here raises ``ValueError``). The keyword arguments are
     the fields of ``EngineArgs`` (``tensor_parallel_size=1, device="auto", ..., mpirun_args=()``); a name
     that is none of them raises ``TypeError``, a value out of range ``ValueError``.
     """
@@ -44,8 +47,13 @@ class LLM:
                  **engine_options: Any) -> None:
         started = time.perf_counter()
         engine = EngineArgs.from_kwargs({"model": model, **engine_options}, "LLM()")
-        if engine.model is not None and os.path.exists(engine.model):
-            engine.model = os.path.abspath(engine.model)  # the workers may not share this working directory
+        if connect is not None:  # the attached engine runs with the options it was started with
+            given = [f.name for f in dataclasses.fields(engine) if getattr(engine, f.name) != f.default]
+            if given:
+                raise ValueError(f"engine options cannot be given with connect= (the attached engine runs with the "
+                                 f"options its workers were started with): {', '.join(given)}")
+        if connect is None:  # found here, before anything is launched (an attached engine has its own)
+            engine.model = resolve_model(engine.model)
         self.engine_args = engine
         self._closed = False
         self._ids = itertools.count()
@@ -86,6 +94,8 @@ class LLM:
             self._teardown(sentinel=False)
             raise
         self.client.start_dispatcher()
+        for w in self.info.get("warnings") or []:  # the engine's own log is a temporary file: tell the user
+            print(f"tpserve: warning: {w}", file=sys.stderr, flush=True)
         self.startup_s = round(time.perf_counter() - started, 3)  # to READY: launch, load, kernels, graphs
         self.tokenizer: Tokenizer | None = None
         tok_dir = self.info.get("model_dir", "")
@@ -166,17 +176,23 @@ class LLM:
         return self._submit(prompt, sampling_params, stream=streaming)
 
     def stats(self) -> dict:
-        """The engine's load as rank 0 last reported it (running, waiting, iteration_time_s,
-        kv_cache_usage, shutting_down), plus ``pending`` requests on this side."""
-        stats = {"running": 0, "waiting": 0, "iteration_time_s": 0.0, "kv_cache_usage": 0.0, **self.client.stats}
+        """The engine's load as rank 0 last reported it (with READY, then with its outputs): running, waiting,
+        iteration_time_s, kv_cache_usage, prefix_cache_hit_rate, num_preemptions, num_free_blocks,
+        shutting_down, triton_compiles; plus ``pending`` requests on this side and ``dead``. Every key is
+        there from the start."""
+        stats = {"running": 0, "waiting": 0, "iteration_time_s": 0.0, "kv_cache_usage": 0.0,
+                 "prefix_cache_hit_rate": 0.0, "num_preemptions": 0,
+                 "num_free_blocks": max(0, int(self.info.get("num_kv_blocks", 1)) - 1), "shutting_down": False,
+                 "triton_compiles": 0, **(self.info.get("stats") or {}), **self.client.stats}
         stats["shutting_down"] = bool(stats.get("shutting_down")) or self._closed
         stats["pending"] = len(self.client.pending())
         stats["dead"] = self.client.dead
         return stats
 
     def abort(self, request_id: int) -> None:
-        if not self.client.send(wire.Abort(request_id)):
-            self.client.mark_dead("could not reach the workers")
+        """Asks the engine to end the request; one that cannot be sent now is retried (see
+        ``EngineClient.abort``) and concerns that request alone."""
+        self.client.abort(request_id)
 
     # -- shutdown ------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from tpserve.proxy.llm import LLM
 from tpserve.server.auth import APIKeyAuth
 from tpserve.server.http import BodyLimit, UTF8Route
 from tpserve.server.protocol import (
+    MAX_CHOICES,
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,6 +25,7 @@ from tpserve.server.protocol import (
 from tpserve.server.serving import OpenAIServer
 
 MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0  # the most a request's body may take to arrive
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
@@ -32,17 +34,21 @@ def _error(e: APIError) -> JSONResponse:
 
 
 def create_app(llm: LLM, model_name: str | None = None, api_keys: list[str] | None = None,
-               api_key_all_routes: bool = False) -> FastAPI:
+               api_key_all_routes: bool = False, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``llm``; ``app.state.server`` is its ``OpenAIServer``. With ``api_keys``, every
     ``/v1/*`` route (every route with ``api_key_all_routes``) needs ``Authorization: Bearer`` one of them."""
     server = OpenAIServer(llm, model_name)
     app = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
     app.router.route_class = UTF8Route
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, timeout=body_timeout)
     if api_keys:  # added last: the outermost layer, before the body is read or a route is found
         app.add_middleware(APIKeyAuth, keys=api_keys, all_routes=api_key_all_routes,
                            on_refused=server.metrics.unauthorized.inc)
     app.state.server = server
+    # No servable request holds more values than MAX_CHOICES prompts of max_seq_len token ids, or
+    # max_seq_len messages of a few fields each: a body with more is refused before it is validated, which
+    # would hold the event loop for seconds (a million empty lists: 3 s of validation errors).
+    app.state.max_json_values = (MAX_CHOICES + 8) * server.max_seq_len + 10_000
 
     def rejected(request: Request, e: APIError) -> JSONResponse:
         if request.url.path in GENERATION_PATHS and e.status < 500:

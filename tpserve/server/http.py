@@ -1,9 +1,12 @@
-"""HTTP plumbing under the OpenAI API: bodies read as UTF-8 JSON only, a bound on a body's size while it is
-read, and server-sent event streams that close their generator however the response ends."""
+"""HTTP plumbing under the OpenAI API: bodies read as UTF-8 JSON only, bounds on a body's size and on the
+time it takes to arrive while it is read, a bound on the values it may hold before it is validated, and
+server-sent event streams that close their generator however the response ends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +55,26 @@ class UTF8Request(Request):
                 raise  # FastAPI reports where
             except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits, nesting too deep
                 raise HTTPException(400, f"the body cannot be read as JSON: {e}") from None
+            limit = getattr(self.app.state, "max_json_values", None)
+            if limit is not None and count_values(self._json, limit) > limit:
+                raise HTTPException(413, f"the body holds more than {limit} values: more than any request this "
+                                         "server can serve")
         return self._json
+
+
+def count_values(obj: Any, limit: int) -> int:
+    """The values in a decoded JSON body (every list item and object member, nested ones included), counted
+    up to just past ``limit``: the work is bounded by the limit, not by the body."""
+    seen, todo = 0, [obj]
+    while todo:
+        v = todo.pop()
+        if not isinstance(v, (list, dict)):
+            continue
+        seen += len(v)
+        if seen > limit:
+            return seen
+        todo.extend(v if isinstance(v, list) else v.values())
+    return seen
 
 
 class UTF8Route(APIRoute):
@@ -69,20 +91,31 @@ class UTF8Route(APIRoute):
 
 class BodyLimit:
     """Refuses a body over ``limit`` bytes with 413 while it is read, so no client can make the server hold
-    an arbitrarily large body in memory (the error goes through the app's handlers, as an OpenAI body)."""
+    an arbitrarily large body in memory, and a body that has not arrived ``timeout`` seconds after the
+    request began with 408, so no client holds a connection by sending its body slowly (the errors go
+    through the app's handlers, as OpenAI bodies)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: a wait for the client's disconnect, unbounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.limit:
                     raise HTTPException(413, f"the request body exceeds {self.limit} bytes")
             return message

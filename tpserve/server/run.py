@@ -38,6 +38,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         f"default: the comma-separated keys of ${ENV_VAR}, which keeps them out of the process list)")
     p.add_argument("--api-key-all-routes", action="store_true",
                    help="also require the key on /health and /metrics (open by default, as in vLLM)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request's body may take to arrive; a slower one gets 408 (default: 30)")
 
 
 class GracefulServer(uvicorn.Server):
@@ -81,7 +83,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"tpserve: {len(api_keys)} API key(s) required on {where}", file=sys.stderr, flush=True)
     try:
         app = create_app(llm, args.served_model_name or (None if args.model is None else args.model.rstrip("/")),
-                         api_keys, args.api_key_all_routes)
+                         api_keys, args.api_key_all_routes, body_timeout=args.body_timeout)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                 timeout_graceful_shutdown=int(GRACE_S))
         server = GracefulServer(config, app.state.server)

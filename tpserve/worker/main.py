@@ -18,6 +18,7 @@ from tpserve import wire
 from tpserve.engine_args import EngineArgs
 from tpserve.executor.engine import StartupFailed, build_engine
 from tpserve.executor.engine import stage as _stage
+from tpserve.model_path import resolve_model
 from tpserve.shutdown_trace import trace
 from tpserve.worker.publisher import Publisher
 from tpserve.worker.teardown import teardown
@@ -25,14 +26,16 @@ from tpserve.worker.teardown import teardown
 
 def parse_args(argv: list[str] | None) -> tuple[EngineArgs, argparse.Namespace]:
     """The engine options (``EngineArgs``, what ``LLM`` passes as ``to_cli_args()``) and the worker's own.
-    ``--tensor-parallel-size`` and ``--mpirun-args`` are accepted and unused: the size is the world's."""
+    ``--tensor-parallel-size`` defaults to the MPI world's size (``main`` refuses another); ``--mpirun-args``
+    is the launcher's and is not used here."""
     p = argparse.ArgumentParser(prog="python -m mpi4py -m tpserve.worker")
-    EngineArgs.add_cli_args(p)
+    EngineArgs.add_cli_args(p, derived={"tensor_parallel_size": "the MPI world's size (mpirun -n)"})
     w = p.add_argument_group("worker options")
     w.add_argument("--connection-file", default=None, help="attach mode: bind, and write this file once ready")
     w.add_argument("--bind-host", default="127.0.0.1", help="attach mode: interface to bind")
-    w.add_argument("--heartbeat-timeout", type=float, default=5.0)
     ns = p.parse_args(argv)
+    if ns.tensor_parallel_size is None:
+        ns.tensor_parallel_size = MPI.COMM_WORLD.Get_size()
     try:
         return EngineArgs.from_cli_args(ns), ns
     except ValueError as e:
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs this rank. Every way out that a process can still take traces ``worker exit`` (a return, an
     exception, a signal before the loop, the abort after a loop failure), so a trace's verdict is true."""
     args, opts = parse_args(argv)
+    world = MPI.COMM_WORLD.Get_size()
+    if args.tensor_parallel_size != world:  # every rank sees the same and leaves alike
+        print(f"tpserve worker: --tensor-parallel-size {args.tensor_parallel_size} does not match the MPI world of "
+              f"{world} rank(s) (mpirun -n {world}): the world decides the size; drop the option or start "
+              f"mpirun -n {args.tensor_parallel_size}", file=sys.stderr, flush=True)
+        return 2
     # The intake thread beside the busy loop needs the GIL to take a request in (responses leave from the
     # loop thread itself, see Rank0IO.send): at the default 5 ms switch interval a new request would wait
     # up to 5 ms behind the loop's Python work. The loop rarely has a rival, so a short interval is cheap.
@@ -83,7 +92,7 @@ def _run(args: EngineArgs, opts: argparse.Namespace, comm: MPI.Comm) -> int:
                 os.environ[wire.ENV_REQUEST_ADDR], os.environ[wire.ENV_RESPONSE_ADDR],
                 bytes.fromhex(os.environ[wire.ENV_KEY]),
             )
-        io = Rank0IO(conn, bind=attach, heartbeat_timeout=opts.heartbeat_timeout)
+        io = Rank0IO(conn, bind=attach, heartbeat_timeout=args.heartbeat_timeout)
 
     publish = Publisher(io)  # holds the executor once it is built, for its stats and the signal handler
 
@@ -106,6 +115,8 @@ def _run(args: EngineArgs, opts: argparse.Namespace, comm: MPI.Comm) -> int:
     try:
         if opts.connection_file is not None:  # a taken path fails the start before anything loads
             _stage(comm, "check_connection_file", check_connection_file)
+        if args.model is not None:  # given to the workers themselves (attach mode): ~ or a hub id, per host
+            args.model = _stage(comm, "resolve_model_path", lambda: resolve_model(args.model))
         executor, info = build_engine(args, comm, publish)
         # READY reports every engine option: as given, unless the engine reports what it made of it
         info = {**{k: v for k, v in dataclasses.asdict(args).items() if k not in ("model", "mpirun_args")}, **info}
@@ -138,6 +149,7 @@ def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> i
     rank = comm.Get_rank()
     if io is not None:
         ready = wire.Ready(info)
+        io.stats = executor.stats
         if conn_file is None:
             io.send(ready)
         io.start_intake(executor.queue, ready)

@@ -14,7 +14,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import zmq
@@ -29,6 +31,8 @@ SEND_SLICE_MS = 100  # the sender re-checks its session and bound this often whi
 SEND_BOUND_S = float(os.environ.get("TPSERVE_SEND_TIMEOUT", "30"))  # the most a frame waits for the proxy
 STARTUP_ERROR_WAIT_S = 2.0  # a start-up error waits this long for a proxy's Hello to answer
 DIRECT_MAX_DELTAS = 8  # an Outputs frame with more deltas is encoded and sent by the sender thread
+FAIR_FRAMES = 256  # frames read in a row after which silence is judged even with more waiting
+PROMPT_IDS_BEFORE_READY = 1 << 16  # a Submit's token ids the intake decodes before it knows max_seq_len
 
 
 def owner_pidfd() -> int | None:
@@ -61,6 +65,7 @@ class Session:
     inbound: wire.SeqCheck = field(default_factory=wire.SeqCheck)
     sent: int = 0  # sequence number of the last frame sent to it
     answered: bool = False  # got READY (or the start-up error)
+    silent: bool = False  # traced as silent while its pidfd says it lives (reset when it is heard again)
 
 
 class Rank0IO:
@@ -83,10 +88,15 @@ class Rank0IO:
         self.lock = threading.Lock()  # guards the session and ``open_ids`` between the two threads
         self.session: Session | None = None
         self.ended: set[bytes] = set()  # nonces of sessions that are over: never opened again (replays)
-        self.open_ids: set[int] = set()  # requests taken in and not finished (aborted if their proxy goes)
+        # Requests taken in and not finished, and the session that submitted each: their outputs go to that
+        # session only, and they are aborted when it ends. A new session opens only once this is empty.
+        self.open_ids: dict[int, bytes] = {}
         self.answer: wire.Ready | wire.StartupError | None = None
         self.answered = threading.Event()
         self.requests: RequestQueue | None = None
+        # A body's bounds: only a Submit may be large, and its token ids no more than the engine can hold.
+        self.limits = wire.BodyLimits(array=PROMPT_IDS_BEFORE_READY, intake=True)
+        self.stats: Callable[[], dict[str, Any]] | None = None  # the executor's load, sent with every READY
         self.ending = False  # the sentinel is on its way: no new session, no silence check
         self.dead: str | None = None  # a frame could not be delivered within the bound
         self.stop_intake = threading.Event()
@@ -99,7 +109,7 @@ class Rank0IO:
         if self.owner is not None:
             self.poller.register(self.owner, zmq.POLLIN)
         self.counts = dict.fromkeys(("old_frames", "gaps", "rejected", "error_replies", "foreign", "refused",
-                                     "unsent", "sent_at_once"), 0)
+                                     "unsent", "sent_at_once", "duplicates", "orphan_deltas"), 0)
         self._sender = threading.Thread(target=self._send_loop, name="rank0-sender", daemon=True)
         self._sender.start()
         self._intake = threading.Thread(target=self._intake_loop, name="rank0-intake", daemon=True)
@@ -118,20 +128,42 @@ class Rank0IO:
         if isinstance(msg, (wire.Ready, wire.StartupError)):
             self._set_answer(msg)
             return
-        small = True
-        if isinstance(msg, wire.Outputs):
-            self._forget_finished(msg)
-            small = len(msg.deltas) <= DIRECT_MAX_DELTAS
+        with self.lock:  # the destination is bound now: a session that opens later never gets this frame
+            s = self.session
+            if isinstance(msg, wire.Outputs):
+                msg = self._own_outputs(msg, s)
+        if msg is None:
+            return  # nothing of this session's in it
+        if s is None:
+            self.counts["unsent"] += 1
+            return
+        small = not isinstance(msg, wire.Outputs) or len(msg.deltas) <= DIRECT_MAX_DELTAS
         with self.order_lock:
-            if small and self.queued == 0 and self._send_now(msg):
+            if small and self.queued == 0 and self._send_now(msg, s):
                 return
             self.queued += 1
-            self.outbox.put((None, msg))
+            self.outbox.put((s.nonce, msg))
 
-    def _send_now(self, msg: wire.Message) -> bool:
+    def _own_outputs(self, msg: wire.Outputs, s: Session | None) -> wire.Outputs | None:
+        """Under the lock: the deltas of ``msg`` that belong to session ``s`` (None: nothing to send), and
+        the finished requests forgotten. A delta of another session's request (one that ended and is being
+        aborted) is dropped: an output reaches only the session that submitted its request."""
+        own = []
+        for d in msg.deltas:
+            owner = self.open_ids.get(d["request_id"])
+            if d["finished"]:
+                self.open_ids.pop(d["request_id"], None)
+            if s is not None and owner == s.nonce:
+                own.append(d)
+            else:
+                self.counts["orphan_deltas"] += 1
+        if len(own) == len(msg.deltas):
+            return msg
+        return wire.Outputs(own, msg.stats) if own or msg.stats else None
+
+    def _send_now(self, msg: wire.Message, s: Session) -> bool:
         """Under ``order_lock`` with nothing queued: one try without waiting. False: nothing was sent."""
-        s = self.session
-        if s is None or self.dead is not None:
+        if self.session is not s or self.dead is not None:
             return False
         frames = [s.nonce, *self.codec.encode(msg, s.nonce, s.sent + 1, self.engine)]
         with self.socket_lock:
@@ -149,12 +181,11 @@ class Rank0IO:
             self.queued += 1
             self.outbox.put((dest, msg))
 
-    def _forget_finished(self, msg: wire.Outputs) -> None:
-        with self.lock:
-            self.open_ids.difference_update(d["request_id"] for d in msg.deltas if d["finished"])
-
     def start_intake(self, requests: RequestQueue, ready: wire.Ready) -> None:
         """From here the intake feeds the executor's queue, and Hellos are answered with ``ready``."""
+        max_seq_len = ready.info.get("max_seq_len")
+        if isinstance(max_seq_len, int) and max_seq_len > 0:
+            self.limits = wire.BodyLimits(array=max_seq_len, intake=True)
         with self.lock:
             self.requests = requests
             lost = self.proxy_lost
@@ -168,31 +199,56 @@ class Rank0IO:
             s = self.session
             if s is not None and not s.answered:
                 s.answered = True
-                self._enqueue(s.nonce, msg)
+                self._enqueue(s.nonce, self._with_stats(msg))
                 self.answered.set()
+
+    def _with_stats(self, answer: wire.Ready | wire.StartupError) -> wire.Ready | wire.StartupError:
+        """READY with the engine's load now, so a client's ``stats()`` has every key before any output."""
+        if not isinstance(answer, wire.Ready) or self.stats is None:
+            return answer
+        try:
+            return wire.Ready({**answer.info, "stats": self.stats()})
+        except Exception as e:  # noqa: BLE001 - a racy read must not cost the answer
+            trace("worker", "stats_error", error=f"{type(e).__name__}: {e}")
+            return answer
 
     # -- intake ------------------------------------------------------------------------------------------
 
     def _intake_loop(self) -> None:
-        """Runs until ``close``: after the sentinel it keeps answering (heartbeats) while the ranks end."""
-        next_heartbeat = 0.0
+        """Runs until ``close``. Rank 0's heartbeats come from the sender thread, so no frame the intake
+        decodes can hold them up; and a session is judged silent only when the socket has nothing waiting
+        (frames queued behind a slow one may be its heartbeats), or after ``FAIR_FRAMES`` frames in a row:
+        ZeroMQ takes turns among its peers, so a flood of other clients' frames cannot hide a dead one."""
+        in_a_row = 0
         while not self.stop_intake.is_set():
             s = self.session
-            if s is not None and time.monotonic() >= next_heartbeat:  # so the proxy can tell silence from death
-                self._enqueue(s.nonce, wire.Heartbeat(time.time()))
-                next_heartbeat = time.monotonic() + wire.HEARTBEAT_S
             ready = dict(self.poller.poll(POLL_MS))
             if self.owner is not None and self.owner in ready:
                 self._owner_exited()
             if self.inp in ready:
+                in_a_row += 1
                 frames = self.inp.recv_multipart()
                 try:
                     self._on_frames(frames)
                 except Exception as e:  # noqa: BLE001 - one frame must not stop the intake
                     self.counts["rejected"] += 1
                     trace("worker", "intake_error", error=f"{type(e).__name__}: {e}")
-            if s is not None and not self.ending and time.monotonic() - s.last_heard > self.heartbeat_timeout:
-                self._session_silent(s)
+            else:
+                in_a_row = 0
+            if (s is not None and not self.ending and (in_a_row == 0 or in_a_row > FAIR_FRAMES)
+                    and time.monotonic() - s.last_heard > self.heartbeat_timeout):
+                self._silent(s)
+
+    def _silent(self, s: Session) -> None:
+        """The live proxy has not been heard for the bound. With a pidfd on it (spawned, same host) silence
+        proves nothing: a debugger, SIGSTOP or a VM pause stops a live proxy, and only its exit (the pidfd)
+        ends the engine; the engine runs on and its frames wait (bounded by ``send_bound``). Otherwise
+        silence is all there is to tell a dead proxy by."""
+        if self.owner is None:
+            self._session_silent(s)
+        elif not s.silent:
+            s.silent = True
+            trace("worker", "proxy_silent", silent_s=round(time.monotonic() - s.last_heard, 3), owner_alive=True)
 
     def _owner_exited(self) -> None:
         """The spawning proxy is gone (its pidfd turned readable): end as on its silence, without the wait."""
@@ -205,22 +261,30 @@ class Rank0IO:
             self._session_silent(s)
 
     def _on_frames(self, frames: list[bytes]) -> None:
-        frame = self.codec.decode(frames)
-        if frame is None:
+        """The envelope first: a frame of no live session is dropped with its body unread (a Hello's body is
+        small by its bounds), and a body is decoded within its kind's bounds only once its session and
+        sequence number pass, so no frame costs the intake more than a bounded decode."""
+        env = self.codec.envelope(frames)
+        if env is None:
             return  # a bad tag or envelope: counted by the codec
         s = self.session
-        if s is not None and frame.session == s.nonce:
-            skipped = s.inbound.take(frame.seq)
+        if s is not None and env.session == s.nonce:
+            skipped = s.inbound.take(env.seq)
             if skipped < 0:
                 return  # replayed or old: counted
             if skipped:
-                trace("worker", "frames_lost", direction="to_rank0", skipped=skipped, seq=frame.seq)
+                trace("worker", "frames_lost", direction="to_rank0", skipped=skipped, seq=env.seq)
             s.last_heard = time.monotonic()  # only frames that pass the tag and the sequence are signs of life
-            self._handle(s, frame)
-        elif isinstance(frame.msg, wire.Hello):
-            self._hello_from_new(frame)
+            s.silent = False
+            self._handle(s, self.codec.body(env, self.limits))
+        elif env.kind == wire.Hello.KIND:
+            frame = self.codec.body(env, self.limits)
+            if isinstance(frame.msg, wire.Hello):
+                self._hello_from_new(frame)
+            else:
+                self.counts["foreign"] += 1
         else:
-            self.counts["foreign"] += 1  # another session's frame, or one of a session that is over
+            self.counts["foreign"] += 1  # another session's frame, or one of a session that is over: unread
 
     def _hello_from_new(self, frame: wire.Frame) -> None:
         if frame.session in self.ended:
@@ -247,7 +311,7 @@ class Rank0IO:
         trace("worker", "proxy_lost", silent_s=round(time.monotonic() - s.last_heard, 3), attach=self.attach)
         with self.lock:
             self._end(s)
-            requests, open_ids = self.requests, sorted(self.open_ids)
+            requests, open_ids = self.requests, sorted(r for r, owner in self.open_ids.items() if owner == s.nonce)
             if not self.attach:
                 self.ending = self.proxy_lost = True
         if not self.attach:
@@ -282,14 +346,21 @@ class Rank0IO:
                 answer = self.answer
                 s.answered = s.answered or answer is not None
             if answer is not None:
-                self._enqueue(s.nonce, answer)
+                self._enqueue(s.nonce, self._with_stats(answer))
                 self.answered.set()
         elif isinstance(msg, wire.Submit):
             if self.requests is None:
                 self._reply_error(s, msg.request_id, "the engine is not ready yet")
                 return
             with self.lock:
-                self.open_ids.add(msg.request_id)
+                owner = self.open_ids.get(msg.request_id)
+                if owner is None:
+                    self.open_ids[msg.request_id] = s.nonce
+            if owner is not None:  # refused alone: the request of that id runs on, and stays tracked
+                self.counts["duplicates"] += 1
+                self._reply_error(s, msg.request_id, f"duplicate request id {msg.request_id}: a request of that "
+                                                     "id is still running")
+                return
             self.requests.put(wire.Submit(msg.request_id, msg.prompt_token_ids, params, msg.stream,
                                           msg.arrival_time, time.time()))
         elif isinstance(msg, wire.Abort):
@@ -314,8 +385,16 @@ class Rank0IO:
     # -- sender ------------------------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
+        """Sends what is queued, in order; when nothing has been queued for a heartbeat's interval, queues a
+        heartbeat to the live session (so the proxy can tell silence from death, whatever the intake does)."""
         while True:
-            item = self.outbox.get()
+            try:
+                item = self.outbox.get(timeout=wire.HEARTBEAT_S)
+            except queue.Empty:
+                s = self.session
+                if s is not None and self.dead is None:
+                    self._enqueue(s.nonce, wire.Heartbeat(time.time()))
+                continue
             if item is None:
                 return
             try:
