@@ -32,8 +32,8 @@ SEQ_BUCKET_BASE = 4  # sequence buckets of prompt graphs: 4, 16, 64, 256, ... (e
 
 
 def decode_buckets(max_batch_size: int) -> list[int]:
-    """Batch sizes of the decode graphs: powers of two, then steps of 32 above 64 and of 64 above 256, up to
-    and including max_batch_size."""
+    """Batch sizes of the decode graphs: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, then steps of 32 up to 256 and
+    of 64 above, up to and including max_batch_size."""
     sizes = [b for b in DECODE_BUCKETS if b < max_batch_size]
     sizes += list(range(256 + 64, max_batch_size, 64))
     return [*sizes, max_batch_size]
