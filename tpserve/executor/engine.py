@@ -122,8 +122,8 @@ def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_
 
 def warm_kernels(model: Any, config: Any, tp_size: int, args: Any, max_num_tokens: int, max_seq_len: int,
                  graphs: Any, device: Any, dtype: Any) -> set:
-    """Compiles (or loads from Triton's disk cache) every kernel variant a step can use: those of the graphs
-    when there are graphs (every step is one), else those of any eager step."""
+    """Compiles (or loads from Triton's disk cache) every kernel variant a step can use: those of any eager
+    step, and those of the graphs when there are graphs (a step that scores its prompt runs eagerly)."""
     from tpserve.kernels.policy import num_sms
     from tpserve.kernels.variants import KernelConfig, reachable_eager, reachable_graphed, warm_up
 
@@ -136,7 +136,7 @@ def warm_kernels(model: Any, config: Any, tp_size: int, args: Any, max_num_token
         max_blocks_per_seq=-(-max_seq_len // args.block_size),
         num_sms=num_sms(device.index or 0),
     )
-    variants = reachable_graphed(cfg, graphs.keys) if graphs is not None else reachable_eager(cfg)
+    variants = reachable_eager(cfg) | (reachable_graphed(cfg, graphs.keys) if graphs is not None else set())
     warm_up(model, cfg, variants, device, dtype)
     return variants
 
