@@ -25,6 +25,7 @@ import torch
 from tpserve.executor.block_manager import BlockManager
 from tpserve.executor.scheduler import ScheduledBatch
 from tpserve.model import AttentionMetadata, KVCache, LlamaForCausalLM
+from tpserve.model.attention import token_layout
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIN_TOKEN_BUCKET = 16
@@ -131,23 +132,17 @@ class StepLayout:
              qlens: Sequence[int], ids: Sequence[int], from_device: Sequence[tuple[int, int]]) -> int:
         """Writes a step of S = len(qlens) sequences into the host buffer, padded to the key's bucket;
         returns how many leading elements the device copy needs."""
-        r, bs = self.regions, self.block_size
         s, t = len(qlens), sum(qlens)
-        view = {name: buf[sl] for name, sl in r.items()}
+        view = {name: buf[sl] for name, sl in self.regions.items()}
         qlen = np.asarray(qlens, dtype=np.int64)
         start = np.asarray(starts, dtype=np.int64)
-        qsl = view["qsl"]
-        qsl[0] = 0
-        np.cumsum(qlen, out=qsl[1 : s + 1])
         rows = self.tables(buf, key.seqs)
         rows[:] = 0
         for i, table in enumerate(tables):
             rows[i, : len(table)] = table
-        seq_of_token = np.repeat(np.arange(s), qlen)
-        positions = np.arange(t) - qsl[:s][seq_of_token] + start[seq_of_token]
+        qsl = view["qsl"]
+        qsl[: s + 1], view["positions"][:t], view["slots"][:t] = token_layout(rows, start, qlen, self.block_size)
         view["ids"][:t] = ids
-        view["positions"][:t] = positions
-        view["slots"][:t] = rows[seq_of_token, positions // bs] * bs + positions % bs
         view["seq_lens"][:s] = start + qlen
         view["last"][:s] = qsl[1 : s + 1] - 1
         for name in ("ids", "positions", "slots"):

@@ -19,6 +19,20 @@ from tpserve.kernels import reference
 from tpserve.model.config import ModelConfig
 
 
+def token_layout(tables: np.ndarray, starts: np.ndarray, qlens: np.ndarray,
+                 block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query_start_loc [S + 1], positions [T], slot_mapping [T]) of a step whose sequence i brings qlens[i]
+    new tokens from position starts[i], its blocks in row i of tables [>= S, W]: the one place eager steps
+    (AttentionMetadata.build) and CUDA-graph steps (cuda_graphs.StepLayout) compute them."""
+    s = len(qlens)
+    qsl = np.zeros(s + 1, dtype=np.int64)
+    np.cumsum(qlens, out=qsl[1:])
+    seq_of_token = np.repeat(np.arange(s), qlens)
+    positions = np.arange(int(qsl[-1])) - qsl[:-1][seq_of_token] + starts[seq_of_token]
+    slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+    return qsl, positions, slots
+
+
 @dataclass
 class AttentionMetadata:
     """One forward over T new tokens of S sequences; the first ``num_decodes`` sequences add one token each.
@@ -71,12 +85,7 @@ class AttentionMetadata:
             if len(table) < need:
                 raise ValueError(f"sequence {i}: {len(table)} blocks cannot hold {int(seq_lens[i])} tokens")
             tables[i, :need] = table[:need]
-        qsl = np.zeros(s + 1, dtype=np.int64)
-        np.cumsum(qlens, out=qsl[1:])
-        t = int(qsl[-1])
-        seq_of_token = np.repeat(np.arange(s), qlens)
-        positions = np.arange(t) - qsl[:-1][seq_of_token] + starts[seq_of_token]
-        slots = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        qsl, positions, slots = token_layout(tables, starts, qlens, block_size)
         ids = np.asarray(input_ids if input_ids is not None else [], dtype=np.int64)
         parts = [qsl, seq_lens, qsl[1:] - 1, slots, positions, ids, tables.ravel()]
         host = torch.from_numpy(np.concatenate(parts).astype(np.int32))
