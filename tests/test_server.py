@@ -100,17 +100,6 @@ def server(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=60, max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer(built_model("llama"))
-
-
 def sse(lines: list[str]) -> list[dict | str]:
     """The ``data:`` payloads of an event stream, decoded (``[DONE]`` kept as a string)."""
     return [json.loads(d) if d != "[DONE]" else d for ln in lines if ln.startswith("data:") and (d := ln[5:].strip())]

@@ -5,7 +5,6 @@ float32 ``log_softmax``; lm-eval's scoring request (echo + logprobs + max_tokens
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 import torch
 from helpers import _hf_model, built_model
@@ -13,7 +12,6 @@ from test_penalties import hf_greedy_with
 from test_server import MODEL, sse, start_server
 
 from tpserve import SamplingParams
-from tpserve.proxy.tokenizer import Tokenizer
 
 TOL = 1e-4
 PROMPT = [(j * 104729) % 49000 + 5 for j in range(12)]
@@ -24,17 +22,6 @@ def server(tmp_path_factory):
     s = start_server(tmp_path_factory.mktemp("server"))
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=60, max_retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer(built_model("llama"))
 
 
 def hf_rows(ids: list[int]) -> torch.Tensor:
