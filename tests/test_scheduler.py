@@ -114,3 +114,68 @@ def test_a_head_that_does_not_fit_is_looked_up_once_and_counted_once(monkeypatch
     assert [(s.request.request_id, s.start_pos, s.num_tokens) for s in batch.seqs] == [(3, 16, 8)]
     assert head.num_cached_tokens == 16
     assert blocks.prefix_cache_hit_rate == 16 / (16 + 16 + 24)  # every admission counted once
+
+
+def simulate(steady: bool, seed: int) -> tuple[list, int]:
+    """A random workload (arrivals, overlap-style pending tokens, finishes, a pool small enough to preempt);
+    every step's schedule and the block tables after it."""
+    import random
+
+    rng = random.Random(seed)
+    blocks = BlockManager(48, 4)
+    scheduler = Scheduler(blocks, max_batch_size=6, max_num_tokens=32, max_chunk_tokens=12)
+    if not steady:
+        scheduler._steady_decode = lambda: None
+    taken = 0
+    history = []
+    live: list[Request] = []
+    pending: list[Request] = []  # sampled last step, known on the host only now (the overlap loop's lag)
+    for step in range(300):
+        if rng.random() < 0.08:
+            req = Request(step, [rng.randrange(50) for _ in range(rng.randrange(1, 20))],
+                          SamplingParams(max_tokens=rng.randrange(1, 40)), False)
+            live.append(req)
+            scheduler.add(req)
+        for req in pending:
+            req.num_pending -= 1
+            req.output_token_ids.append(rng.randrange(50))
+        batch = scheduler.schedule()
+        if steady and batch.seqs and scheduler.running and all(s.num_tokens == 1 for s in batch.seqs):
+            taken += 1
+        history.append([(s.request.request_id, s.start_pos, s.num_tokens, s.samples) for s in batch.seqs])
+        pending = [s.request for s in batch.seqs if s.samples]
+        for req in pending:
+            req.num_pending += 1
+        for req in list(live):
+            if len(req.output_token_ids) >= req.params.max_tokens and not req.num_pending:
+                scheduler.remove(req)
+                live.remove(req)
+        history.append(sorted((r.request_id, tuple(blocks.table_view(r.request_id))) for r in scheduler.running))
+    return history, taken
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_steady_decode_shortcut_schedules_exactly_what_the_full_schedule_would(seed):
+    fast, taken = simulate(True, seed)
+    full, _ = simulate(False, seed)
+    assert fast == full
+    assert taken > 20  # the workload does reach steady decode steps
+
+
+def test_a_steady_decode_step_is_the_last_one_advanced():
+    scheduler = Scheduler(BlockManager(64, 4), max_batch_size=4, max_num_tokens=16)
+    reqs = [request(i, 3) for i in range(3)]
+    for r in reqs:
+        scheduler.add(r)
+    scheduler.schedule()  # the prompts
+    for r in reqs:
+        r.output_token_ids.append(1)
+    first = [(s.request.request_id, s.start_pos) for s in scheduler.schedule().seqs]
+    for r in reqs:
+        r.output_token_ids.append(1)
+    calls = []
+    full = scheduler._run
+    scheduler._run = lambda *a: calls.append(a) or full(*a)
+    second = [(s.request.request_id, s.start_pos) for s in scheduler.schedule().seqs]
+    assert second == [(rid, pos + 1) for rid, pos in first]
+    assert calls == []  # taken without the full schedule

@@ -52,6 +52,8 @@ class Scheduler:
         self.max_chunk_tokens = max_chunk_tokens or max_num_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
+        self._running: set[Request] = set()  # the same requests, for O(1) membership (identity hashing)
+        self._in_step: set[Request] = set()  # the requests this step schedules
         self.num_preemptions = 0
         # The waiting head's last lookup that did not fit: (request, cache version, matched blocks). Kept
         # until the prefix cache changes, so a head that waits for room is not re-hashed every step.
@@ -61,9 +63,13 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> ScheduledBatch:
+        steady = self._steady_decode()
+        if steady is not None:
+            return steady
         self.budget = self.max_num_tokens
         self.scored_budget = SCORED_TOKENS_PER_STEP
         self.seqs: list[ScheduledSeq] = []
+        self._in_step.clear()
         decodes, chunks = [], []
         for r in self.running:
             left = r.num_tokens - r.num_computed
@@ -72,11 +78,11 @@ class Scheduler:
             elif left > 1:
                 chunks.append(r)
         for req in decodes:
-            if self.budget > 0 and req in self.running and not self._done_soon(req):
+            if self.budget > 0 and req in self._running and not self._done_soon(req):
                 self._run(req, 1)
         for req in chunks:  # a request preempted above is no longer running: skipped
             want = min(req.num_tokens - req.num_computed, self._chunk_cap(req))
-            if self.budget > 0 and want > 0 and req in self.running:
+            if self.budget > 0 and want > 0 and req in self._running:
                 self._run(req, want)
         held: list[Request] = []  # prompt scorers waiting for next step's scoring budget: others may pass
         while self.waiting and self.budget > 0 and len(self.running) < self.max_batch_size:
@@ -104,12 +110,34 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(req)
+            self._running.add(req)
             self._take(req, n)
         self.waiting.extendleft(reversed(held))  # back at the head, in their order
         batch = ScheduledBatch(self.seqs)
         for seq in batch.seqs:
             self._cache(seq.request)
         return batch
+
+    def _steady_decode(self) -> ScheduledBatch | None:
+        """The schedule of a steady decode step, in one pass over the running requests: every one of them
+        brings exactly one token, none is about to end, each fits its table (or one more block), and no
+        waiting request could be admitted. Exactly what the full schedule would give then (a test checks it);
+        None: anything else, and the full schedule runs."""
+        running = self.running
+        if not running or len(running) > self.max_num_tokens or (
+                self.waiting and len(running) < self.max_batch_size):
+            return None
+        grow = self.blocks.grow
+        for req in running:
+            if req.num_tokens - req.num_computed != 1 or self._done_soon(req) or not grow(
+                    req.request_id, req.num_computed + 1):
+                return None  # a table grown above is one the full schedule grows too: no harm
+        seqs = []
+        for req in running:
+            seqs.append(ScheduledSeq(req, req.num_computed, 1, True))
+            req.num_computed += 1
+            self._cache(req)
+        return ScheduledBatch(seqs)
 
     def _chunk_cap(self, req: Request) -> int:
         """A request that scores its prompt brings the logits of every position of its chunk: such chunks share
@@ -152,7 +180,7 @@ class Scheduler:
         return n if n > 0 and self.blocks.grow(req.request_id, req.num_computed + n) else 0
 
     def _scheduled(self, req: Request) -> bool:
-        return any(s.request is req for s in self.seqs)
+        return req in self._in_step
 
     def _take(self, req: Request, n: int) -> None:
         start = req.num_computed
@@ -161,6 +189,7 @@ class Scheduler:
         if req.scores_prompt:
             self.scored_budget -= n
         self.seqs.append(ScheduledSeq(req, start, n, samples=req.num_computed == req.num_tokens))
+        self._in_step.add(req)
 
     def _cache(self, req: Request) -> None:
         """Offers the request's newly filled blocks whose tokens are all known to the prefix cache."""
@@ -174,6 +203,7 @@ class Scheduler:
     def preempt(self, req: Request) -> None:
         """Frees a running request's blocks; it waits at the head of the queue to be recomputed."""
         self.running.remove(req)
+        self._running.discard(req)
         self.blocks.free(req.request_id)
         req.num_computed = 0
         req.num_cached_blocks = 0
@@ -182,8 +212,9 @@ class Scheduler:
 
     def remove(self, request: Request) -> None:
         """Frees the request's blocks, whether it was running or waiting."""
-        if request in self.running:
+        if request in self._running:
             self.running.remove(request)
+            self._running.discard(request)
             self.blocks.free(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)
