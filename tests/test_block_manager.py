@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tpserve.executor import block_manager
@@ -248,7 +249,9 @@ class Workload:
     next_id: int = 0
 
     def __post_init__(self) -> None:
-        self.bm = BlockManager(self.num_blocks, self.block_size, self.prefix_caching)
+        # rows for the running sequences (8 admitted, more resumed), each as wide as the longest request (40 tokens)
+        self.bm = BlockManager(self.num_blocks, self.block_size, self.prefix_caching, max_seqs=64,
+                               max_blocks_per_seq=-(-40 // self.block_size))
         self.rng = random.Random(self.seed)
         self.prefixes = [[self.rng.randrange(4) for _ in range(self.rng.randint(3, 20))] for _ in range(4)]
 
@@ -349,6 +352,13 @@ def check_invariants(w: Workload) -> None:
     for b in registered:  # a registered block holds exactly the tokens it is keyed by
         assert w.content[b][-bm.block_size :] == bm._blocks[b].token_ids
     assert bm.num_free_blocks + len(refs) == bm.num_blocks - 1
+    # the block-table array equals a rebuild from the tables: each live sequence's own row, zeros elsewhere
+    assert bm.rows is not None
+    rebuilt = np.zeros_like(bm.rows)
+    for seq_id, table in tables.items():
+        rebuilt[bm.row(seq_id), : len(table)] = table
+    assert np.array_equal(bm.rows, rebuilt)
+    assert len({bm.row(seq_id) for seq_id in tables}) == len(tables)
     assert bm.usage == pytest.approx(len(refs) / (bm.num_blocks - 1))
 
 
@@ -408,3 +418,13 @@ def test_same_calls_give_the_same_blocks_in_every_process() -> None:
             check=True,
         )
         assert out.stdout.strip() == here
+
+
+def test_a_table_longer_than_its_row_is_refused_without_a_change() -> None:
+    bm = BlockManager(20, 4, max_seqs=2, max_blocks_per_seq=2)
+    bm.admit(1, [1, 2, 3])
+    assert bm.grow(1, 8)
+    free = bm.num_free_blocks
+    with pytest.raises(block_manager.TableOverflow, match="sequence 1 needs 3 blocks"):
+        bm.grow(1, 9)
+    assert bm.block_table(1) == bm.rows[bm.row(1)].tolist() and bm.num_free_blocks == free

@@ -117,8 +117,9 @@ def test_a_padded_step_computes_the_eager_step(model_dir: Path, fused: bool) -> 
         key = pick(sum(qlens), len(qlens))
         assert key is not None and key.tokens >= sum(qlens)
         buf = np.full(layout.size, -7, dtype=np.int32)  # whatever a previous step left
-        end = layout.fill(buf, key, tables, starts, qlens, ids, [])
-        packed = torch.from_numpy(buf[:end].copy())
+        w = layout.fill(buf, key, tables, starts, qlens, ids, [])
+        packed = torch.full((layout.size,), -7, dtype=torch.int32)  # the device's buffer, stale columns too
+        layout.send(torch.from_numpy(buf), packed, key.seqs, w, non_blocking=False)
         padded_ids, padded_positions, padded_meta = layout.inputs(packed, key)
         graph_kv = KVCache(config, 1, num_blocks, BLOCK, "cpu", torch.float32)
         graph_kv.k.copy_(base.k), graph_kv.v.copy_(base.v)
@@ -139,9 +140,9 @@ def test_fill_pads_tokens_and_sequences_as_the_kernels_expect() -> None:
     layout = StepLayout(64, 8, 5, BLOCK)
     buf = np.full(layout.size, -1, dtype=np.int32)
     key = GraphKey(16, 4, False)
-    end = layout.fill(buf, key, [[3], [5, 6]], [2, 1], [1, 6], list(range(7)), [(0, 3)])
+    w = layout.fill(buf, key, [[3], [5, 6]], [2, 1], [1, 6], list(range(7)), [(0, 3)])
     r = layout.regions
-    assert end == layout.tables_at + 4 * 5
+    assert w == 2  # the longest table's blocks, not the graphs' width of 5
     assert buf[r["qsl"]][:5].tolist() == [0, 1, 7, 7, 7]  # padded sequences: no query
     assert buf[r["seq_lens"]][:4].tolist() == [3, 7, 0, 0]
     assert buf[r["last"]][:4].tolist() == [0, 6, 0, 0]
@@ -151,7 +152,14 @@ def test_fill_pads_tokens_and_sequences_as_the_kernels_expect() -> None:
     assert buf[r["ids"]][7:16].tolist() == [0] * 9
     assert (buf[r["where"]][0], buf[r["src"]][0]) == (0, 3)
     assert buf[r["decodes"]][0] == 1  # the leading one-token sequences: the prompt graph's decode kernel's
-    assert layout.tables(buf, 4).tolist() == [[3, 0, 0, 0, 0], [5, 6, 0, 0, 0], [0] * 5, [0] * 5]
+    assert layout.tables(buf, 4, w).tolist() == [[3, 0], [5, 6], [0, 0], [0, 0]]
+    device = torch.full((layout.size,), -1, dtype=torch.int32)
+    layout.send(torch.from_numpy(buf), device, 4, w, non_blocking=False)
+    assert layout.tables(device, 4).tolist() == [[3, 0, -1, -1, -1], [5, 6, -1, -1, -1], [0, 0, -1, -1, -1],
+                                                 [0, 0, -1, -1, -1]]  # columns past w: never read, not sent
+    assert torch.equal(device[: layout.tables_at], torch.from_numpy(buf[: layout.tables_at]))
+    with pytest.raises(ValueError, match="a block table of 6 blocks exceeds the graphs' 5"):
+        layout.fill(buf, key, [[1] * 6], [0], [2], [1, 2], [])
     decode = GraphKey(4, 4, True)
     layout.fill(buf, decode, [[3], [5, 6]], [2, 5], [1, 1], [9, 9], [])
     assert buf[r["qsl"]][:5].tolist() == [0, 1, 2, 3, 4]  # padded decode rows: one token over block 0

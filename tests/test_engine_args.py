@@ -165,14 +165,20 @@ def test_default_texts_say_what_the_engine_does():
     """The help's words for a derived default match the function that derives it."""
     from tpserve.executor.engine import (
         CPU_MAX_POOL_TOKENS_PER_REQUEST,
+        default_max_batch_size,
         default_max_chunk_tokens,
         default_max_num_tokens,
+        fit_batch_to_pool,
     )
 
     shown = {f.name: f.metadata["shown"] for f in dataclasses.fields(EngineArgs)}
     assert default_max_num_tokens("cuda", 16) == 8192 and default_max_num_tokens("cpu", 16) == 2048
     assert default_max_num_tokens("cpu", 4096) == 4096
     assert shown["max_num_tokens"] == "8192 on GPU, 2048 on CPU, at least max_batch_size"
+    assert default_max_batch_size("cuda") == 256 and default_max_batch_size("cpu") == 16
+    assert shown["max_batch_size"].startswith("on GPU 256") and shown["max_batch_size"].endswith("16 on CPU")
+    assert fit_batch_to_pool(256, 101, given=False) == 100  # a small pool: one block a running request at least
+    assert fit_batch_to_pool(256, 101, given=True) == 256 and fit_batch_to_pool(256, 9000, given=False) == 256
     assert default_max_chunk_tokens(2048) == 512 and shown["max_chunk_tokens"] == "max_num_tokens / 4"
     assert str(CPU_MAX_POOL_TOKENS_PER_REQUEST) in shown["kv_cache_tokens"] and "gpu_memory_utilization" in shown[
         "kv_cache_tokens"]

@@ -38,7 +38,9 @@ class EngineArgs:
     tensor_parallel_size: int = option(1, "tensor-parallel size: MPI ranks", aliases=("--tp",), low=1)
     device: str = option("auto", "cpu, cuda or auto (CUDA when present)")
     dtype: str = option("auto", "float32, bfloat16, float16 or auto (float32 on CPU, the checkpoint's on GPU)")
-    max_batch_size: int = option(16, "most requests running at once", low=1)
+    max_batch_size: int | None = option(None, "most requests running at once", low=1,
+                                        default_text="on GPU 256 (vLLM's max_num_seqs) or the KV pool's blocks, "
+                                        "whichever is fewer; 16 on CPU")
     max_seq_len: int | None = option(None, "longest request, prompt + output", low=1,
                                      default_text="the model's context")
     max_num_tokens: int | None = option(None, "token budget of one step; longer prompts are chunked", low=1,
@@ -71,7 +73,8 @@ class EngineArgs:
         hints = _hints()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
-        if self.max_num_tokens is not None and self.max_num_tokens < self.max_batch_size:
+        if (self.max_num_tokens is not None and self.max_batch_size is not None
+                and self.max_num_tokens < self.max_batch_size):
             raise ValueError(f"max_num_tokens={self.max_num_tokens} is below max_batch_size={self.max_batch_size}: "
                              "a step must hold one token of every running request; raise max_num_tokens or "
                              "lower max_batch_size")

@@ -37,21 +37,23 @@ PARTS = [  # TTFT = the sum of these hops, from the request's metrics
 
 
 def run_load(llm: LLM, concurrency: int, num_requests: int, input_len: int, output_len: int, seed: int,
-             vocab: int) -> tuple[list[RequestOutput], float]:
+             vocab: int, temperature: float = 0.0, top_p: float = 1.0) -> tuple[list[RequestOutput], float]:
+    """Greedy, or sampled with ``temperature``/``top_p`` and a seed of its own for every request."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(num_requests)]
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=output_len, temperature=temperature, top_p=top_p, ignore_eos=True,
+                             seed=seed * 100_003 + i if temperature else None) for i in range(num_requests)]
     outputs: list[RequestOutput] = []
     lock = threading.Lock()
-    todo = iter(prompts)
+    todo = iter(zip(prompts, params, strict=True))
 
     def client() -> None:
         while True:
             with lock:
-                prompt = next(todo, None)
+                prompt, p = next(todo, (None, None))
             if prompt is None:
                 return
-            stream = llm.generate_stream(prompt, params)
+            stream = llm.generate_stream(prompt, p)
             for _ in stream:
                 pass
             with lock:
@@ -105,7 +107,8 @@ def bench_model(name: str, model: str | None, args: argparse.Namespace) -> dict:
             for c in args.concurrency:
                 n = max(args.min_requests, c * args.requests_per_client)
                 for mode in args.modes:
-                    outs, wall = run_load(engines[mode], c, n, args.input_len, args.output_len, 1000 * rnd + c, vocab)
+                    outs, wall = run_load(engines[mode], c, n, args.input_len, args.output_len, 1000 * rnd + c, vocab,
+                                          args.temperature, args.top_p)
                     raw[mode][c] += outs
                     walls[mode][c] += wall
         results = {m: {c: summarize(raw[m][c], walls[m][c]) for c in args.concurrency} for m in args.modes}
@@ -205,6 +208,8 @@ def add_bench_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, a seed per request")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--label", default="cpu", help="section name in the report (e.g. cpu, h100)")
     p.add_argument("--doc", default=None,
                    help="Markdown report to update (this label's section), e.g. docs/benchmarks.md; default: none")

@@ -20,6 +20,8 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 ROOT_KEY = b""  # the parent key of a sequence's first block
 ROOT_REG = 0  # the parent registration id of a sequence's first block; real ones start at 1
 
@@ -44,6 +46,11 @@ class _Seq:
     num_hashed: int = 0  # leading full blocks already keyed (matched at admit or seen by cache_blocks)
     key: bytes = ROOT_KEY  # key of block num_hashed - 1
     reg: int | None = ROOT_REG  # registration equivalent to block num_hashed - 1; None: chain hit a collision
+    row: int = -1  # its row of ``BlockManager.rows`` (-1: the manager keeps no rows)
+
+
+class TableOverflow(ValueError):
+    """A sequence needs more blocks than its row of the block-table array holds (its request fails alone)."""
 
 
 class BlockManager:
@@ -52,7 +59,11 @@ class BlockManager:
     A block is in exactly one place: the free list (unregistered, ref 0), the evictable LRU (registered in
     the prefix cache, ref 0, oldest first) or referenced by the tables of live sequences (ref > 0)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_seqs: int | None = None, max_blocks_per_seq: int | None = None) -> None:
+        """With ``max_seqs`` and ``max_blocks_per_seq``, every live sequence also owns a row of ``rows``, an
+        int32 [max_seqs, max_blocks_per_seq] array kept equal to its table as the table changes (a new block
+        is one write): a step's block tables are then one gather of rows, never rebuilt from lists."""
         if num_blocks < 2 or block_size < 1:
             raise ValueError(f"need num_blocks >= 2 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -67,6 +78,11 @@ class BlockManager:
         self._lookup_tokens = 0
         self._hit_tokens = 0
         self.cache_version = 0  # changes when a key is registered or evicted: a lookup may then differ
+        self.rows: np.ndarray | None = None
+        self._free_rows: list[int] = []
+        if max_seqs is not None:
+            self.rows = np.zeros((max_seqs, max_blocks_per_seq or 1), dtype=np.int32)
+            self._free_rows = list(range(max_seqs - 1, -1, -1))  # pop() hands out row 0 first
 
     @property
     def num_free_blocks(self) -> int:
@@ -117,7 +133,15 @@ class BlockManager:
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} already has a block table")
         found = self.match(token_ids) if matched is None else matched
+        if self.rows is not None and len(found) > self.rows.shape[1]:
+            raise TableOverflow(f"sequence {seq_id} needs {len(found)} blocks, more than the "
+                                f"{self.rows.shape[1]} of a block-table row")
         seq = self._seqs[seq_id] = _Seq()
+        if self.rows is not None:
+            if not self._free_rows:
+                del self._seqs[seq_id]
+                raise ValueError(f"no block-table row left for sequence {seq_id}: {len(self.rows)} in use")
+            seq.row = self._free_rows.pop()
         if not self.enable_prefix_caching:
             return 0
         for b in found:
@@ -126,6 +150,8 @@ class BlockManager:
                 del self._evictable[b]
             block.ref += 1
             seq.table.append(b)
+        if self.rows is not None and found:
+            self.rows[seq.row, : len(found)] = found
         if found:
             last = self._blocks[found[-1]]
             seq.num_hashed, seq.key, seq.reg = len(found), last.key, last.reg
@@ -139,14 +165,21 @@ class BlockManager:
     def grow(self, seq_id: int, num_tokens: int) -> bool:
         """Extends the table to cover num_tokens token slots, all or nothing: free blocks first, then the
         least recently used evictable ones. False, and no change, if there are not enough."""
-        table = self._seqs[seq_id].table
-        need = self.blocks_needed(num_tokens) - len(table)
+        seq = self._seqs[seq_id]
+        table = seq.table
+        have = len(table)
+        need = self.blocks_needed(num_tokens) - have
         if need <= 0:
             return True  # the common case: a decode within its last block
+        if self.rows is not None and have + need > self.rows.shape[1]:
+            raise TableOverflow(f"sequence {seq_id} needs {have + need} blocks for {num_tokens} tokens, more "
+                                f"than the {self.rows.shape[1]} of a block-table row")
         if need > self.num_free_blocks:
             return False
         for _ in range(need):
             table.append(self._take())
+        if self.rows is not None:
+            self.rows[seq.row, have : have + need] = table[have:]
         return True
 
     def _take(self) -> int:
@@ -195,6 +228,9 @@ class BlockManager:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
+        if self.rows is not None:
+            self.rows[seq.row, : len(seq.table)] = 0
+            self._free_rows.append(seq.row)
         for b in reversed(seq.table):
             block = self._blocks[b]
             block.ref -= 1
@@ -211,6 +247,10 @@ class BlockManager:
     def table_view(self, seq_id: int) -> list[int]:
         """seq_id's block table itself, for the readers of every step (no copy): never modify it."""
         return self._seqs[seq_id].table
+
+    def row(self, seq_id: int) -> int:
+        """seq_id's row of ``rows`` (the manager must keep rows)."""
+        return self._seqs[seq_id].row
 
     def slot(self, seq_id: int, position: int) -> int:
         """Index of token `position`'s KV in the flattened [num_blocks * block_size] pool."""

@@ -103,14 +103,27 @@ class GraphPicker:
         return None
 
 
+def table_array(tables: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """Block tables as an int array [S, W]: an array as it is, lists zero-padded to the longest."""
+    if isinstance(tables, np.ndarray):
+        return tables
+    width = max((len(t) for t in tables), default=1) or 1
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, table in enumerate(tables):
+        out[i, : len(table)] = table
+    return out
+
+
 class StepLayout:
     """Where each input of a graphed step lives in the packed int32 buffer, and how a step fills it.
 
     Regions, each at a fixed offset: ids, positions and slots [max_tokens]; query_start_loc [max_seqs + 1];
     seq_lens, last_token_index, and the gather index of tokens still on the device (``where`` in ids, ``src``
     row of the previous step's tokens) [max_seqs]; the count of leading one-token sequences (a prompt graph's
-    decodes, which its decode kernel takes) [1]; block tables [max_seqs, width] last, so a step copies only
-    the prefix up to its own rows."""
+    decodes, which its decode kernel takes) [1]; block tables last. On the device the tables are
+    [max_seqs, width] (the graphs' static shape: width covers max_seq_len); a step sends only its own rows and
+    only as many columns as its longest sequence needs (``w``, bucketed by the caller), packed [S, w] in the
+    host buffer: the kernels never read a column past a sequence's own blocks."""
 
     def __init__(self, max_tokens: int, max_seqs: int, width: int, block_size: int) -> None:
         self.width = width
@@ -125,21 +138,30 @@ class StepLayout:
         self.tables_at = at
         self.size = at + max_seqs * width
 
-    def tables(self, buf: np.ndarray | torch.Tensor, seqs: int) -> np.ndarray | torch.Tensor:
-        return buf[self.tables_at : self.tables_at + seqs * self.width].reshape(seqs, self.width)
+    def tables(self, buf: np.ndarray | torch.Tensor, seqs: int, width: int | None = None
+               ) -> np.ndarray | torch.Tensor:
+        """The tables region as [seqs, width] (default: the device's full width)."""
+        width = width or self.width
+        return buf[self.tables_at : self.tables_at + seqs * width].reshape(seqs, width)
 
-    def fill(self, buf: np.ndarray, key: GraphKey, tables: Sequence[Sequence[int]], starts: Sequence[int],
-             qlens: Sequence[int], ids: Sequence[int], from_device: Sequence[tuple[int, int]]) -> int:
-        """Writes a step of S = len(qlens) sequences into the host buffer, padded to the key's bucket;
-        returns how many leading elements the device copy needs."""
-        s, t = len(qlens), sum(qlens)
+    def fill(self, buf: np.ndarray, key: GraphKey, tables: Sequence[Sequence[int]] | np.ndarray,
+             starts: Sequence[int], qlens: Sequence[int], ids: Sequence[int] | np.ndarray,
+             from_device: Sequence[tuple[int, int]] | np.ndarray) -> int:
+        """Writes a step of S = len(qlens) sequences into the host buffer, padded to the key's bucket, its
+        tables [S, w] packed [key.seqs, w]; returns w. A table wider than the graphs' is refused here, where
+        the copy happens (the block manager refuses such a table first: its request fails alone)."""
+        s = len(qlens)
+        table = table_array(tables)
+        w = table.shape[1] if s else 1
+        if w > self.width:
+            raise ValueError(f"a block table of {w} blocks exceeds the graphs' {self.width}")
+        t = int(np.sum(qlens)) if s else 0
         view = {name: buf[sl] for name, sl in self.regions.items()}
         qlen = np.asarray(qlens, dtype=np.int64)
         start = np.asarray(starts, dtype=np.int64)
-        rows = self.tables(buf, key.seqs)
-        rows[:] = 0
-        for i, table in enumerate(tables):
-            rows[i, : len(table)] = table
+        rows = self.tables(buf, key.seqs, w)
+        rows[:s] = table[:, :w]
+        rows[s:] = 0
         qsl = view["qsl"]
         qsl[: s + 1], view["positions"][:t], view["slots"][:t] = token_layout(rows, start, qlen, self.block_size)
         view["ids"][:t] = ids
@@ -158,9 +180,18 @@ class StepLayout:
             view["decodes"][0] = int(np.argmax(qlen != 1)) if (qlen != 1).any() else s
         f = len(from_device)
         if f:
-            view["where"][:f] = [w for w, _ in from_device]
-            view["src"][:f] = [src for _, src in from_device]
-        return self.tables_at + key.seqs * self.width
+            pairs = np.asarray(from_device).reshape(f, 2)
+            view["where"][:f] = pairs[:, 0]
+            view["src"][:f] = pairs[:, 1]
+        return w
+
+    def send(self, host: torch.Tensor, packed: torch.Tensor, seqs: int, w: int, non_blocking: bool) -> None:
+        """Copies a filled host buffer to the device layout: the regions before the tables, and the step's
+        [seqs, w] tables into the first w columns of the device's [seqs, width] rows."""
+        packed[: self.tables_at].copy_(host[: self.tables_at], non_blocking=non_blocking)
+        src = self.tables(host, seqs, w)
+        dst = self.tables(packed, seqs)
+        (dst if w == self.width else dst[:, :w]).copy_(src, non_blocking=non_blocking)
 
     def inputs(self, packed: torch.Tensor, key: GraphKey) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input ids, positions, metadata): views of the packed buffer for a key's bucket, the same memory
@@ -224,8 +255,8 @@ class CudaGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for key in self.keys:
-                end = self.layout.fill(host, key, [], [], [], [], [])
-                self.packed[:end].copy_(self.staging[0][:end])
+                w = self.layout.fill(host, key, [], [], [], [], [])
+                self.layout.send(self.staging[0], self.packed, key.seqs, w, non_blocking=False)
                 self._forward(key)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -237,23 +268,17 @@ class CudaGraphs:
     def pick(self, batch: ScheduledBatch) -> GraphKey | None:
         return self.picker(sum(s.num_tokens for s in batch.seqs), len(batch.seqs))
 
-    def run(self, key: GraphKey, batch: ScheduledBatch, ids: list[int], from_device: list[tuple[int, int]],
-            prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Replays the graph of ``key`` for a scheduled batch: see ``replay``."""
-        tables = [self.blocks.table_view(s.request.request_id) for s in batch.seqs]
-        return self.replay(key, tables, [s.start_pos for s in batch.seqs], [s.num_tokens for s in batch.seqs],
-                           ids, from_device, prev_tokens)
-
-    def replay(self, key: GraphKey, tables: Sequence[Sequence[int]], starts: Sequence[int], qlens: Sequence[int],
-               ids: Sequence[int], from_device: Sequence[tuple[int, int]],
+    def replay(self, key: GraphKey, tables: Sequence[Sequence[int]] | np.ndarray, starts: Sequence[int],
+               qlens: Sequence[int], ids: Sequence[int] | np.ndarray,
+               from_device: Sequence[tuple[int, int]] | np.ndarray,
                prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Fills the static inputs for this step (one pinned copy) and replays its graph; returns the logits of
-        the step's sequences (a view of the shared output, valid until the next replay, which the stream
-        orders after this step's sampling)."""
+        """Fills the static inputs for this step (one pinned copy, and one of its tables' columns) and replays
+        its graph; returns the logits of the step's sequences (a view of the shared output, valid until the
+        next replay, which the stream orders after this step's sampling)."""
         host = self.staging[self.turn]
         self.turn ^= 1
-        end = self.layout.fill(host.numpy(), key, tables, starts, qlens, ids, from_device)
-        self.packed[:end].copy_(host[:end], non_blocking=True)
+        w = self.layout.fill(host.numpy(), key, tables, starts, qlens, ids, from_device)
+        self.layout.send(host, self.packed, key.seqs, w, non_blocking=True)
         f = len(from_device)
         if f:  # tokens the previous step sampled, still on the device: gathered there, no sync
             assert prev_tokens is not None

@@ -5,6 +5,7 @@ error, so the proxy hears one clear start-up failure instead of a hang in the ne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -57,6 +58,22 @@ def process_age() -> float:
         return time.time() - psutil.Process().create_time()
 
 
+GPU_MAX_BATCH_SIZE = 256  # vLLM's max_num_seqs: a GPU step of 256 decodes still costs about one of 1
+CPU_MAX_BATCH_SIZE = 16
+
+
+def default_max_batch_size(device_type: str) -> int:
+    """Running requests at once unless the user says: on a GPU as many as vLLM runs (the pool may lower it
+    once sized: ``fit_batch_to_pool``), on a CPU, where every row costs compute, 16."""
+    return GPU_MAX_BATCH_SIZE if device_type == "cuda" else CPU_MAX_BATCH_SIZE
+
+
+def fit_batch_to_pool(max_batch_size: int, num_blocks: int, given: bool) -> int:
+    """A default batch no larger than the pool's usable blocks (each running request holds one at least);
+    a batch the user gave is kept."""
+    return max_batch_size if given else max(min(max_batch_size, num_blocks - 1), 1)
+
+
 def default_max_num_tokens(device_type: str, max_batch_size: int) -> int:
     """The step's token budget: prompts longer than this are chunked over steps. At least one token for
     every running request."""
@@ -70,11 +87,13 @@ def default_max_chunk_tokens(max_num_tokens: int) -> int:
 
 
 def pool_blocks(args: Any, config: Any, tp_size: int, device: Any, dtype: Any, model: Any,
-                max_seq_len: int, max_num_tokens: int) -> int:
+                max_seq_len: int, max_num_tokens: int, graphs: bool = False) -> int:
     """How many KV blocks (block 0 included) this rank can hold: ``kv_cache_tokens`` when given; on GPU,
-    ``gpu_memory_utilization`` of the device memory less what the weights and a profiling forward at
-    ``max_num_tokens`` take; on CPU, room for ``max_batch_size`` requests of up to 4096 tokens, within a
-    quarter of the memory available."""
+    ``gpu_memory_utilization`` of the device memory less the weights and what serving allocates beside the
+    pool, measured: the activations of the largest step (``profile_forward``), held twice with CUDA graphs
+    (the graphs' private pool, and an eager step's), or the sampler's temporaries at ``max_batch_size`` rows
+    with every logits processor on (``profile_sampling``), whichever is larger; on CPU, room for
+    ``max_batch_size`` requests of up to 4096 tokens, within a quarter of the memory available."""
     import psutil
     import torch
 
@@ -85,14 +104,47 @@ def pool_blocks(args: Any, config: Any, tp_size: int, device: Any, dtype: Any, m
     if args.kv_cache_tokens is not None:
         return -(-args.kv_cache_tokens // bs) + 1
     if device.type == "cuda":
+        weights = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         profile_forward(model, config, tp_size, bs, max_num_tokens, max_seq_len, device, dtype)
+        activations = torch.cuda.max_memory_allocated(device) - weights
+        torch.cuda.reset_peak_memory_stats(device)
+        profile_sampling(config.vocab_size, args.max_batch_size, device)
+        sampling = torch.cuda.max_memory_allocated(device) - weights
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         others = total - free - torch.cuda.memory_reserved(device)  # CUDA context, NCCL, other processes
-        budget = total * args.gpu_memory_utilization - others - torch.cuda.max_memory_allocated(device)
+        logits_out = args.max_batch_size * config.vocab_size * 4  # the graphs' shared float32 logits
+        beside = (activations + logits_out if graphs else 0) + max(activations, sampling)
+        budget = total * args.gpu_memory_utilization - others - weights - beside
         return max(int(budget // per_block), 2)
     tokens = args.max_batch_size * min(max_seq_len, CPU_MAX_POOL_TOKENS_PER_REQUEST)
     by_memory = int(psutil.virtual_memory().available * CPU_POOL_MEMORY_SHARE // per_block)
     return max(min(-(-tokens // bs) + 1, by_memory), 2)
+
+
+def profile_sampling(vocab_size: int, rows: int, device: Any) -> None:
+    """One sampling launch over ``rows`` rows of float32 logits with temperature, top-k, top-p, min-p,
+    penalties, a logit bias and log-probabilities on every row: the largest the sampler's temporaries get."""
+    import torch
+
+    from tpserve.executor.request import Request
+    from tpserve.executor.sampler import Sampler
+    from tpserve.sampling_params import SamplingParams
+
+    sampler = Sampler(device, 0)
+    params = SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
+                            frequency_penalty=0.5, presence_penalty=0.5, logit_bias={1: 1.0}, logprobs=20)
+    requests = [Request(i, [1, 2, 3], params, False) for i in range(rows)]
+    for req in requests:
+        req.generator = sampler.generator_for(req)
+    logits = torch.randn(rows, vocab_size, device=device)
+    tokens = sampler.sample(logits, requests)
+    plan = sampler.logprob_plan(requests, None)
+    assert plan is not None
+    sampler.pack(plan, logits, tokens, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_tokens: int, max_seq_len: int,
@@ -177,6 +229,8 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     device = timed_stage("pick_device", lambda: pick_device(args.device))
     dtype = timed_stage("pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
     max_seq_len = args.max_seq_len or config.max_position_embeddings
+    given_batch = args.max_batch_size is not None
+    args = dataclasses.replace(args, max_batch_size=args.max_batch_size or default_max_batch_size(device.type))
     max_num_tokens = args.max_num_tokens or default_max_num_tokens(device.type, args.max_batch_size)
     max_chunk_tokens = args.max_chunk_tokens or default_max_chunk_tokens(max_num_tokens)
     timed_stage("init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
@@ -189,9 +243,11 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
 
         compiles = CompileCounter()
         compiles.install()
-    mine = timed_stage("size_kv_cache",
-                       lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len, max_num_tokens))
+    with_graphs = fused and not args.enforce_eager
+    mine = timed_stage("size_kv_cache", lambda: pool_blocks(args, config, size, device, dtype, model, max_seq_len,
+                                                            max_num_tokens, with_graphs))
     num_blocks = comm.allreduce(mine, op=MPI.MIN)  # every rank's BlockManager must be the same
+    args = dataclasses.replace(args, max_batch_size=fit_batch_to_pool(args.max_batch_size, num_blocks, given_batch))
     kv = timed_stage("allocate_kv_cache", lambda: KVCache(config, size, num_blocks, args.block_size, device, dtype))
     capacity = (num_blocks - 1) * args.block_size
     warnings = []  # for the user: READY carries them and the proxy prints them to the user's stderr
@@ -201,7 +257,8 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     if rank == 0:
         for w in warnings:
             print(f"tpserve: warning: {w}", file=sys.stderr, flush=True)
-    blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+    blocks = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching, max_seqs=args.max_batch_size,
+                          max_blocks_per_seq=-(-max_seq_len // args.block_size))
     graphs = None
     capture_s = 0.0
     variants: set = set()
@@ -210,10 +267,13 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
             graphs = CudaGraphs(model, kv, blocks, args.max_batch_size, max_num_tokens, max_seq_len, device)
         variants = timed_stage("warm_kernels", lambda: warm_kernels(model, config, size, args, max_num_tokens,
                                                                     max_seq_len, graphs, device, dtype))
+    graph_memory = 0
     if graphs is not None:
         start = time.perf_counter()
+        before = torch.cuda.memory_reserved(device)
         timed_stage("capture_cuda_graphs", graphs.capture)
         capture_s = time.perf_counter() - start
+        graph_memory = torch.cuda.memory_reserved(device) - before
     ex_config = ExecutorConfig(
         vocab_size=config.vocab_size,
         max_seq_len=max_seq_len,
@@ -252,6 +312,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         "cuda_graphs": graphs.decode_buckets if graphs is not None else [],
         "prompt_graphs": graphs.prompt_buckets if graphs is not None else [],
         "graph_capture_s": round(capture_s, 3),
+        "graph_memory_bytes": graph_memory,
         "kernel_variants": sorted(f"{k}:{c}" for k, c in variants),
         "triton_compiles_at_start": compiles.count if compiles is not None else 0,
         "tensor_parallel_size": size,

@@ -102,6 +102,8 @@ class Executor:
         self.iteration_time = 0.0  # moving average of busy iterations, seconds
         self.drain_watch: Watchdog | None = None
         self.kernel_compiles: Callable[[], int] = lambda: 0  # Triton compiles since ready (GPU: variants.py)
+        self._token_ring: list[torch.Tensor] = []
+        self._ring_turn = 0
 
     @property
     def overlap(self) -> bool:
@@ -126,6 +128,8 @@ class Executor:
         self._log("fetch", items=len(items))
         self._handle_items(items)
         batch = self.scheduler.schedule()
+        if self.scheduler.failed:
+            self._fail_unschedulable()
         for seq in batch.seqs:
             seq.request.stamp("first_scheduled")
         self.hooks.on_schedule(self.iteration, batch.seqs)
@@ -247,6 +251,14 @@ class Executor:
         self.requests[rid] = req
         self.scheduler.add(req)
 
+    def _fail_unschedulable(self) -> None:
+        """Ends the requests the scheduler could not place (a block table longer than its row), each with its
+        reason: the step goes on without them."""
+        failed, self.scheduler.failed = self.scheduler.failed, []
+        for req, why in failed:
+            req.error = why
+            self._end_now(req, "error")
+
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise ValueError("prompt is empty")
@@ -287,7 +299,7 @@ class Executor:
         prompt: PromptLogits | None = getattr(self.runner, "prompt_logits", None)  # this step's, set by forward
         plan = self.sampler.logprob_plan(requests, prompt)
         if plan is None:
-            host = torch.empty(len(rows), dtype=torch.long, pin_memory=pin)
+            host = self._token_buffer(len(rows))
             host.copy_(tokens, non_blocking=pin)
         else:  # the ids and the log-probabilities (of the raw logits) in one copy
             packed = self.sampler.pack(plan, logits, tokens, prompt)
@@ -300,6 +312,18 @@ class Executor:
         self._log("sample_launch", rids=lambda: [r.request_id for r in requests])
         return InFlight(batch, requests, tokens, host, event, {r.request_id: i for i, r in enumerate(requests)},
                         has_first, plan)
+
+    def _token_buffer(self, n: int) -> torch.Tensor:
+        """A host buffer for a step's n sampled ids: on CUDA one of three preallocated pinned buffers in turn
+        (a buffer is read by the update two iterations before its turn comes back: at most two steps are in
+        flight), so no step allocates pinned memory."""
+        if self.device.type != "cuda":
+            return torch.empty(n, dtype=torch.long)
+        if not self._token_ring or self._token_ring[0].shape[0] < n:
+            size = max(n, self.scheduler.max_batch_size)
+            self._token_ring = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(3)]
+        self._ring_turn = (self._ring_turn + 1) % 3
+        return self._token_ring[self._ring_turn][:n]
 
     def _new_event(self) -> torch.cuda.Event | None:
         """Marks the end of a step's host copy on the device's stream (None on CPU: the copy is synchronous)."""

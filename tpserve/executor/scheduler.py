@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tpserve.executor.block_manager import BlockManager
+from tpserve.executor.block_manager import BlockManager, TableOverflow
 from tpserve.executor.request import Request
 
 # Prompt positions one step scores (prompt_logprobs), all its requests together: each brings a row of float32
@@ -55,6 +55,9 @@ class Scheduler:
         self._running: set[Request] = set()  # the same requests, for O(1) membership (identity hashing)
         self._in_step: set[Request] = set()  # the requests this step schedules
         self.num_preemptions = 0
+        # Requests that can never be scheduled (a block table longer than its row): the executor ends each
+        # with its reason after the schedule, on every rank alike; the rest of the step runs.
+        self.failed: list[tuple[Request, str]] = []
         # The waiting head's last lookup that did not fit: (request, cache version, matched blocks). Kept
         # until the prefix cache changes, so a head that waits for room is not re-hashed every step.
         self._head_lookup: tuple[Request, int, list[int]] | None = None
@@ -99,11 +102,17 @@ class Scheduler:
                 self._head_lookup = (req, self.blocks.cache_version, matched)
                 break
             self._head_lookup = None
-            cached = self.blocks.admit(req.request_id, tokens, matched)
-            if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
-                req.num_cached_tokens = cached
-            req.num_computed = cached
-            n = self._fit(req, min(req.num_tokens - cached, self._chunk_cap(req)))
+            try:
+                cached = self.blocks.admit(req.request_id, tokens, matched)
+                if req.num_cached_tokens is None:  # the first admission, not a resume after a preemption
+                    req.num_cached_tokens = cached
+                req.num_computed = cached
+                n = self._fit(req, min(req.num_tokens - cached, self._chunk_cap(req)))
+            except TableOverflow as e:
+                self.waiting.popleft()
+                self.blocks.free(req.request_id)
+                self.failed.append((req, str(e)))
+                continue
             if n == 0:  # cannot happen with a free block and budget left; never admit a request with nothing
                 self.blocks.free(req.request_id)
                 req.num_computed = 0
@@ -127,16 +136,22 @@ class Scheduler:
         if not running or len(running) > self.max_num_tokens or (
                 self.waiting and len(running) < self.max_batch_size):
             return None
-        grow = self.blocks.grow
-        for req in running:
-            if req.num_tokens - req.num_computed != 1 or self._done_soon(req) or not grow(
-                    req.request_id, req.num_computed + 1):
-                return None  # a table grown above is one the full schedule grows too: no harm
+        grow, bs = self.blocks.grow, self.blocks.block_size
+        try:  # num_tokens, _done_soon and grow's no-op case inlined: this loop is the steady state's schedule
+            for req in running:
+                n, pending, outputs = req.num_computed, req.num_pending, len(req.output_token_ids)
+                if (len(req.prompt_token_ids) + outputs + pending - n != 1 or outputs + pending >= req.params.max_tokens
+                        or (n % bs == 0 and not grow(req.request_id, n + 1))):
+                    return None  # a table grown above is one the full schedule grows too: no harm
+        except TableOverflow:
+            return None  # the full schedule fails that request
         seqs = []
         for req in running:
-            seqs.append(ScheduledSeq(req, req.num_computed, 1, True))
-            req.num_computed += 1
-            self._cache(req)
+            n = req.num_computed
+            seqs.append(ScheduledSeq(req, n, 1, True))
+            req.num_computed = n + 1
+            if (n + 1) // bs > req.num_cached_blocks:  # a block filled: offer it to the prefix cache
+                self._cache(req)
         return ScheduledBatch(seqs)
 
     def _chunk_cap(self, req: Request) -> int:
@@ -159,7 +174,14 @@ class Scheduler:
     def _run(self, req: Request, want: int) -> None:
         """Schedules up to ``want`` tokens of a running request, preempting newer requests for blocks."""
         while True:
-            n = self._fit(req, want)
+            try:
+                n = self._fit(req, want)
+            except TableOverflow as e:
+                self.running.remove(req)
+                self._running.discard(req)
+                self.blocks.free(req.request_id)
+                self.failed.append((req, str(e)))
+                return
             if n == want or (n > 0 and want > 1):  # a prefill chunk may shrink to what fits
                 self._take(req, n)
                 return

@@ -56,35 +56,42 @@ class AttentionMetadata:
     @classmethod
     def build(
         cls,
-        block_tables: list[list[int]],
-        start_positions: list[int],
-        query_lens: list[int],
+        block_tables: list[list[int]] | np.ndarray,
+        start_positions: list[int] | np.ndarray,
+        query_lens: list[int] | np.ndarray,
         block_size: int,
         device: torch.device | str,
-        input_ids: list[int] | None = None,
+        input_ids: list[int] | np.ndarray | None = None,
     ) -> tuple[AttentionMetadata, torch.Tensor]:
         """Builds the metadata and the positions tensor [T] with one host-to-device copy (pinned on CUDA, so
         the copy never waits for the device). ``input_ids`` [T], when given, travel in the same copy and land
-        in ``meta.input_ids``.
+        in ``meta.input_ids``. ``block_tables``: one list per sequence, or an array [S, >= the blocks the
+        longest sequence needs] (the block manager's rows, zeros past each table).
 
         Sequence i's new tokens sit at positions start_positions[i] .. start_positions[i] + query_lens[i] - 1.
         Decodes (one new token) come first; ``num_decodes`` counts them."""
         s = len(query_lens)
         if not len(block_tables) == len(start_positions) == s:
             raise ValueError("block_tables, start_positions and query_lens must have the same length")
-        if not query_lens or min(query_lens) < 1:
-            raise ValueError(f"every sequence needs at least one new token, got query_lens={query_lens}")
-        num_decodes = next((i for i, n in enumerate(query_lens) if n != 1), s)
+        if not s or min(query_lens) < 1:
+            raise ValueError(f"every sequence needs at least one new token, got query_lens={list(query_lens)}")
         qlens = np.asarray(query_lens, dtype=np.int64)
+        num_decodes = int(np.argmax(qlens != 1)) if (qlens != 1).any() else s
         starts = np.asarray(start_positions, dtype=np.int64)
         seq_lens = starts + qlens
         width = max(-(-int(seq_lens.max()) // block_size), 1)
-        tables = np.zeros((s, width), dtype=np.int64)
-        for i, table in enumerate(block_tables):
-            need = -(-int(seq_lens[i]) // block_size)
-            if len(table) < need:
-                raise ValueError(f"sequence {i}: {len(table)} blocks cannot hold {int(seq_lens[i])} tokens")
-            tables[i, :need] = table[:need]
+        if isinstance(block_tables, np.ndarray):
+            if block_tables.shape[1] < width:
+                raise ValueError(f"block tables of {block_tables.shape[1]} blocks cannot hold {int(seq_lens.max())} "
+                                 "tokens")
+            tables = block_tables[:, :width].astype(np.int64)
+        else:
+            tables = np.zeros((s, width), dtype=np.int64)
+            for i, table in enumerate(block_tables):
+                need = -(-int(seq_lens[i]) // block_size)
+                if len(table) < need:
+                    raise ValueError(f"sequence {i}: {len(table)} blocks cannot hold {int(seq_lens[i])} tokens")
+                tables[i, :need] = table[:need]
         qsl, positions, slots = token_layout(tables, starts, qlens, block_size)
         ids = np.asarray(input_ids if input_ids is not None else [], dtype=np.int64)
         parts = [qsl, seq_lens, qsl[1:] - 1, slots, positions, ids, tables.ravel()]

@@ -78,6 +78,10 @@ def serve_main(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:g}" for k, v in llm.info.get("startup_stages_s", {}).items() if v >= 0.1)
     print(f"tpserve: engine ready in {llm.startup_s:g} s ({stages or 'no stage over 0.1 s'})", file=sys.stderr,
           flush=True)
+    info = llm.info
+    print(f"tpserve: max_batch_size {info.get('max_batch_size')}, max_num_tokens {info.get('max_num_tokens')}, "
+          f"KV pool {info.get('kv_cache_tokens')} tokens, on {info.get('device')} {info.get('dtype')}",
+          file=sys.stderr, flush=True)
     if api_keys:  # how many, never which
         where = "every route" if args.api_key_all_routes else "/v1/* (/health and /metrics open)"
         print(f"tpserve: {len(api_keys)} API key(s) required on {where}", file=sys.stderr, flush=True)
