@@ -133,9 +133,11 @@ def make_engine(rng: random.Random, mode: str, interval: int, gpu_order: bool):
     published: list[RequestDelta] = []
     block_size = rng.choice([1, 2, 4, 16])
     capacity = rng.choice([20, 32, 64, 400])  # tokens; the largest request needs 19: small pools preempt
-    blocks = BlockManager(-(-capacity // block_size) + 1, block_size, enable_prefix_caching=rng.random() < 0.7)
     max_num_tokens = rng.choice([3, 8, 64])
-    scheduler = Scheduler(blocks, max_batch_size=min(rng.choice([1, 4, 16]), max_num_tokens),
+    max_batch_size = min(rng.choice([1, 4, 16]), max_num_tokens)
+    blocks = BlockManager(-(-capacity // block_size) + 1, block_size, enable_prefix_caching=rng.random() < 0.7,
+                          max_seqs=max_batch_size, max_blocks_per_seq=-(-MAX_SEQ_LEN // block_size))
+    scheduler = Scheduler(blocks, max_batch_size=max_batch_size,
                           max_num_tokens=max_num_tokens, max_chunk_tokens=rng.choice([None, 2, 5]))
     executor = Executor(config, FakeQueue(), scheduler, FakeRunner(blocks), Sampler(torch.device("cpu"), 0),
                         published.extend, torch.device("cpu"))
@@ -283,3 +285,27 @@ def test_first_token_stop_beside_a_normal_request():
             assert sum((d.token_ids for d in published if d.request_id == 1), []) == reference(
                 b, SamplingParams(max_tokens=5, ignore_eos=True), ())[0]
             assert executor.stats()["kv_cache_usage"] == 0
+
+
+@pytest.mark.parametrize("mode", ["plain", "overlap", "overlap+early"])
+def test_a_request_whose_table_outgrows_its_row_fails_alone(mode: str) -> None:
+    """The block-table row is the bound the copy to the device relies on: a request that would pass it (here
+    a row of 2 blocks of 4 under a 48-token max_seq_len) ends with an error, its neighbours run on."""
+    config = ExecutorConfig(VOCAB, MAX_SEQ_LEN, (EOS,), enable_overlap=mode != "plain",
+                            early_first_token=mode == "overlap+early")
+    published: list[RequestDelta] = []
+    blocks = BlockManager(40, 4, max_seqs=4, max_blocks_per_seq=2)
+    executor = Executor(config, FakeQueue(), Scheduler(blocks, 4, 16), FakeRunner(blocks),
+                        Sampler(torch.device("cpu"), 0), published.extend, torch.device("cpu"))
+    short, long = [1, 2, 3], list(range(1, 13))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    executor.queue.items += [wire.Submit(1, short, params.to_dict()), wire.Submit(2, long, params.to_dict()),
+                             wire.Submit(3, [4, 5], params.to_dict())]
+    for _ in range(30):
+        executor.step()
+    ends = {d.request_id: d for d in published if d.finished}
+    assert ends[2].finish_reason == "error" and "more than the 2 of a block-table row" in ends[2].error
+    for rid, prompt in ((1, short), (3, [4, 5])):
+        tokens = [t for d in published if d.request_id == rid for t in d.token_ids]
+        assert (tokens, ends[rid].finish_reason) == reference(prompt, params, (EOS,))
+    assert not executor.requests and blocks.num_free_blocks == 39
