@@ -3,7 +3,7 @@ a list of strings, or a grammar), checked for shape and size on the user's side 
 flat strings. Whether the constraint compiles is the grammar backend's verdict, given on the engine's side
 (``tpserve.executor.structured``) and, for the server, before a request is sent (``tpserve.server.structured``).
 
-No torch and no grammar backend here: the proxy imports this module."""
+No torch here, and the grammar backend only when a grammar is asked for: the proxy imports this module."""
 
 from __future__ import annotations
 
@@ -144,6 +144,33 @@ class StructuredOutputs:
             return cls(**v)
         raise ValueError("SamplingParams.structured: must be a StructuredOutputs or a dict such as "
                          "{'json_schema': {...}}")
+
+
+def llguidance_grammar(so: StructuredOutputs) -> str:
+    """The constraint as an llguidance grammar (not yet checked: ``LLMatcher.validate_grammar`` or a matcher
+    reports its errors). JSON has no free whitespace unless ``any_whitespace``."""
+    import llguidance
+    from llguidance import LLMatcher
+
+    if so.kind in ("json_schema", "json_object"):
+        return LLMatcher.grammar_from_json_schema(so.spec, defaults={"whitespace_flexible": so.any_whitespace})
+    if so.kind == "regex":
+        return LLMatcher.grammar_from_regex(so.spec)
+    if so.kind == "choice":
+        return llguidance.grammar_from("choice", so.spec)
+    return llguidance.grammar_from("grammar", so.spec)  # Lark, or GBNF / EBNF converted to Lark
+
+
+def check_grammar(so: StructuredOutputs) -> str | None:
+    """The backend's reason why the constraint cannot compile, or None (no tokenizer needed: the server asks
+    this before sending a request)."""
+    from llguidance import LLMatcher
+
+    try:
+        why = LLMatcher.validate_grammar(llguidance_grammar(so))
+    except Exception as e:  # noqa: BLE001 - the backend's reason, for that request alone
+        return str(e).strip() or type(e).__name__
+    return why.strip() or None
 
 
 def _text(name: str, v: object, limit: int) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tpserve.structured_outputs import StructuredOutputs
+from tpserve.structured_outputs import StructuredOutputs, llguidance_grammar
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -60,27 +60,13 @@ class Backend:
                                                      eos_token=self.eos_token_ids or None)
         return self._tokenizer
 
-    @staticmethod
-    def grammar(so: StructuredOutputs) -> str:
-        """The llguidance grammar of a constraint (not yet checked: ``LLMatcher`` reports its errors)."""
-        import llguidance
-        from llguidance import LLMatcher
-
-        if so.kind in ("json_schema", "json_object"):
-            return LLMatcher.grammar_from_json_schema(so.spec, defaults={"whitespace_flexible": so.any_whitespace})
-        if so.kind == "regex":
-            return LLMatcher.grammar_from_regex(so.spec)
-        if so.kind == "choice":
-            return llguidance.grammar_from("choice", so.spec)
-        return llguidance.grammar_from("grammar", so.spec)  # Lark, or GBNF / EBNF converted to Lark
-
     def compile(self, so: StructuredOutputs) -> Any:
         """A matcher at the grammar's start, its first mask computed (llguidance builds the lexer lazily), to
         be copied for every request with this constraint. Raises ``ValueError`` with the backend's reason."""
         from llguidance import LLMatcher
 
         try:
-            grammar = self.grammar(so)
+            grammar = llguidance_grammar(so)
         except Exception as e:  # noqa: BLE001 - the backend's reason, for that request alone
             raise ValueError(str(e)) from None
         matcher = LLMatcher(self.tokenizer(), grammar, log_level=0)
