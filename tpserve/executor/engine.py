@@ -271,8 +271,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
 
 
 def structured_outputs(model_dir: str, config: Any, comm: MPI.Comm, device: Any) -> Any:
-    """The structured-output state (issue 18): llguidance over the model's tokenizer, whose vocabulary the compile
-    thread reads now, while the rest of start-up goes on."""
+    """The structured-output state (issue 18): llguidance over the model's tokenizer, and its compile threads."""
     from tpserve.executor.structured import GrammarManager, backend_for
 
     backend, why = backend_for(model_dir, config.vocab_size, list(config.eos_token_ids))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,16 +42,21 @@ COMPILING, READY, FAILED = 0, 1, 2
 
 
 class Backend:
-    """llguidance over the model's tokenizer: the vocabulary goes in once (``tokenizer``, built on the compile
-    thread at start-up: about 0.3 s that READY does not wait for), then each constraint becomes a matcher."""
+    """llguidance over the model's tokenizer: the vocabulary goes in once (``tokenizer``, built on a compile
+    thread by the engine's first compile), then each constraint becomes a matcher."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]) -> None:
         self.tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self._tokenizer: Any = None
+        self._lock = threading.Lock()
 
     def tokenizer(self) -> Any:
+        with self._lock:  # two compile threads: one build
+            return self._build_tokenizer()
+
+    def _build_tokenizer(self) -> Any:
         if self._tokenizer is None:
             import llguidance
             from tokenizers import Tokenizer
@@ -128,10 +134,12 @@ class GrammarManager:
         self.num_cache_hits = 0
 
     def start(self) -> None:
-        """Starts the compile threads and gives them the tokenizer's vocabulary first (start-up)."""
+        """Starts the compile threads. The tokenizer's vocabulary goes to llguidance with the first compile,
+        not at start-up: building it holds the GIL for 0.3 s (1 s on a loaded CPU), which in a background
+        thread froze the loop, the intake and the signal handlers right after READY (a SIGTERM then went
+        unhandled), and as a start-up stage would add that to every launch."""
         if self.backend is not None and self.pool is None:
             self.pool = cf.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="tpserve-grammar")
-            self.pool.submit(self.backend.tokenizer)
 
     def close(self) -> None:
         if self.pool is not None:
