@@ -4,6 +4,7 @@ from tpserve.errors import EngineBusyError, EngineDeadError, ModelNotFoundError,
 from tpserve.proxy.llm import LLM
 from tpserve.proxy.outputs import RequestMetrics, RequestOutput, StreamChunk
 from tpserve.sampling_params import SamplingParams
+from tpserve.structured_outputs import StructuredOutputs
 
 __all__ = [
     "LLM",
@@ -14,5 +15,6 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "StreamChunk",
+    "StructuredOutputs",
     "WorkerStartupError",
 ]

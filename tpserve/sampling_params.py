@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from tpserve.structured_outputs import StructuredOutputs
+
 INT64_MAX = 2**63 - 1
 MAX_TOKEN_ID = 2**31 - 1  # token ids travel as int32 on the device
 MAX_STOP_TOKEN_IDS = 1024
@@ -45,6 +47,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None
+    # Structured output (issue 18): a StructuredOutputs, or a dict of its fields ({"json_schema": {...}}).
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -89,6 +93,8 @@ class SamplingParams:
             raise bad("min_p", "must be a number in [0, 1]")
         object.__setattr__(self, "min_p", float(self.min_p))
         object.__setattr__(self, "logit_bias", self._checked_bias(bad))
+        if self.structured is not None:
+            object.__setattr__(self, "structured", StructuredOutputs.coerce(self.structured))
 
     def _checked_bias(self, bad: Callable[[str, str], ValueError]) -> dict[int, float] | None:
         bias = self.logit_bias
@@ -129,6 +135,9 @@ class SamplingParams:
         bias = d.pop("logit_bias") or {}
         d["logit_bias_token_ids"] = list(bias)
         d["logit_bias_values"] = list(bias.values())
+        del d["structured"]
+        if self.structured is not None:
+            d |= self.structured.to_wire()
         return d
 
     @classmethod
@@ -146,6 +155,7 @@ class SamplingParams:
             if not all(_is_int(t) for t in ids):
                 raise ValueError("SamplingParams.logit_bias: keys must be integer token ids")
             known["logit_bias"] = dict(zip(ids, values, strict=True))
+        known["structured"] = StructuredOutputs.from_wire(d)
         return cls(**known)
 
 

@@ -292,6 +292,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         device,
         make_instruments(comm),
     )
+    executor.grammars = structured_outputs(model_dir, config, comm, device)
     if compiles is not None:
         compiles.mark_ready()
         executor.kernel_compiles = compiles.since_ready
@@ -325,5 +326,16 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         "startup_stages_s": timings,
         "startup_s": round(process_age(), 3),
         "warnings": warnings,
+        "structured_output": executor.grammars.backend is not None,
     }
     return executor, info
+
+
+def structured_outputs(model_dir: str, config: Any, comm: MPI.Comm, device: Any) -> Any:
+    """The structured-output state (issue 18): llguidance over the model's tokenizer, and its compile threads."""
+    from tpserve.executor.structured import GrammarManager, backend_for
+
+    backend, why = backend_for(model_dir, config.vocab_size, list(config.eos_token_ids))
+    grammars = GrammarManager(backend, comm, device, why)
+    grammars.start()
+    return grammars

@@ -33,6 +33,7 @@ from tpserve.executor.model_runner import ModelRunner
 from tpserve.executor.request import Request, RequestDelta
 from tpserve.executor.sampler import LogprobPlan, PromptLogits, Sampler
 from tpserve.executor.scheduler import ScheduledBatch, Scheduler
+from tpserve.executor.structured import GrammarManager
 from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import Watchdog, phase_timer, trace
 
@@ -104,6 +105,7 @@ class Executor:
         self.kernel_compiles: Callable[[], int] = lambda: 0  # Triton compiles since ready (GPU: variants.py)
         self._token_ring: list[torch.Tensor] = []
         self._ring_turn = 0
+        self.grammars = GrammarManager(None)  # structured output; the engine gives it a backend (structured.py)
 
     @property
     def overlap(self) -> bool:
@@ -114,8 +116,11 @@ class Executor:
         return self.shutting_down and not self.requests and self.prev is None
 
     def run(self) -> None:
-        while not self.done:
-            self.step()
+        try:
+            while not self.done:
+                self.step()
+        finally:
+            self.grammars.close()
         if self.drain_watch is not None:
             self.drain_watch.stop()
         trace("executor_loop", "loop_exit", iteration=self.iteration)
@@ -127,6 +132,7 @@ class Executor:
         start = time.perf_counter()
         self._log("fetch", items=len(items))
         self._handle_items(items)
+        self._admit_grammars()
         batch = self.scheduler.schedule()
         if self.scheduler.failed:
             self._fail_unschedulable()
@@ -249,7 +255,23 @@ class Executor:
         req.metrics["arrival_rank0"] = item.rank0_time or time.time()  # the intake thread's clock
         req.generator = self.sampler.generator_for(req)
         self.requests[rid] = req
-        self.scheduler.add(req)
+        if params.structured is not None:
+            self.grammars.add(req)  # reaches the scheduler once its grammar is ready on every rank
+        else:
+            self.scheduler.add(req)
+
+    def _admit_grammars(self) -> None:
+        """Schedules the constrained requests whose grammar every rank has compiled; ends those whose grammar
+        failed, alone, with the backend's reason. Waits a little for a compile only when nothing else runs."""
+        if not self.grammars.pending:
+            return
+        idle = not self.scheduler.running and not self.scheduler.waiting and self.prev is None
+        ready, failed = self.grammars.poll(wait=idle)
+        for req in ready:
+            self.scheduler.add(req)
+        for req, why in failed:
+            req.error = why
+            self._end_now(req, "error")
 
     def _fail_unschedulable(self) -> None:
         """Ends the requests the scheduler could not place (a block table longer than its row), each with its
@@ -295,7 +317,8 @@ class Executor:
         if len(rows) != len(batch.seqs):
             index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=pin)
             logits = logits.index_select(0, index)
-        tokens = self.sampler.sample(logits, requests)
+        # Structured output: the masks, built now that every token of these requests is on the host.
+        tokens = self.sampler.sample(self.grammars.mask_logits(logits, requests), requests)
         prompt: PromptLogits | None = getattr(self.runner, "prompt_logits", None)  # this step's, set by forward
         plan = self.sampler.logprob_plan(requests, prompt)
         if plan is None:
@@ -362,6 +385,15 @@ class Executor:
 
     def _check_stop(self, req: Request, token: int) -> None:
         p = req.params
+        if p.structured is not None:  # the matcher takes the token; a complete grammar ends the request
+            complete, error = self.grammars.advance(req)
+            if error is not None:
+                req.error = error
+                self._finish(req, "error")
+                return
+            if complete:
+                self._finish(req, "stop")
+                return
         if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
             self._finish(req, "stop")
         elif len(req.output_token_ids) >= p.max_tokens:
@@ -423,6 +455,8 @@ class Executor:
             if self.requests.get(req.request_id) is req:
                 del self.requests[req.request_id]
             self.scheduler.remove(req)
+            if req.params.structured is not None:
+                self.grammars.remove(req)
         self.ended.clear()
 
     def _flush(self) -> None:

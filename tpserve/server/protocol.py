@@ -4,7 +4,7 @@ stream chunks and error bodies. Only what tpserve does is accepted; a field it w
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,43 @@ LogitBias = Annotated[dict[Annotated[str, Field(max_length=20)], Annotated[Finit
                       Field(max_length=MAX_LOGIT_BIAS)]
 
 
+# Structured output (issue 18): OpenAI's response_format and vLLM's structured_outputs / guided_* fields; the
+# sizes of what they carry are bounded by tpserve.structured_outputs, the rest here (docs/server.md).
+MAX_REGEX_CHARS = 4096
+MAX_GRAMMAR_CHARS = 65536
+MAX_GUIDED_CHOICES = 256
+Choices = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(min_length=1,
+                                                                                    max_length=MAX_GUIDED_CHOICES)]
+Regex = Annotated[str, Field(min_length=1, max_length=MAX_REGEX_CHARS)]
+GrammarText = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)]
+Schema = dict[str, Any] | Annotated[str, Field(max_length=MAX_GRAMMAR_CHARS)]
+
+
+class JsonSchemaFormat(Strict):
+    """OpenAI's ``response_format.json_schema``; ``strict`` is accepted (the schema is always enforced)."""
+
+    name: Annotated[str, Field(max_length=64)] = "response"
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(Strict):
+    """vLLM's ``structured_outputs`` object (one of json, regex, choice, grammar, json_object)."""
+
+    json_: Schema | None = Field(default=None, alias="json")
+    regex: Regex | None = None
+    choice: Choices | None = None
+    grammar: GrammarText | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None  # False: free whitespace in JSON (tpserve's default is none)
+
+
 class SamplingFields(Strict):
     """What completions and chat share; ``top_k``, ``ignore_eos`` and ``stop_token_ids`` are vLLM's names."""
 
@@ -61,6 +98,12 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; the server keeps no per-user state
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: Schema | None = None
+    guided_regex: Regex | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: GrammarText | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

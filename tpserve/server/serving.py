@@ -44,6 +44,7 @@ from tpserve.server.protocol import (
     Usage,
     encodable,
 )
+from tpserve.server.structured import structured_from
 from tpserve.server.text import StopText
 
 
@@ -168,6 +169,7 @@ class OpenAIServer:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "stop_token_ids")
         top_k = req.top_k if req.top_k < self.vocab_size else 0  # top-k of the whole vocabulary is no top-k
         bias = self.logit_bias(req)
+        structured = structured_from(req)
         stops = req.stop_strings()
         choices: list[Choice] = []
         try:
@@ -180,6 +182,7 @@ class OpenAIServer:
                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                         repetition_penalty=req.repetition_penalty, min_p=req.min_p, logit_bias=bias,
                         logprobs=None if wanted == 0 else req.sample_logprobs(), prompt_logprobs=req.prompt_logprobs(),
+                        structured=structured,
                     )
                     stream = self.llm.generate_async(ids, params, streaming=True)
                     choice = Choice(i * req.n + j, i, stream, StopText(stops), received, hidden=wanted == 0,
@@ -231,7 +234,8 @@ class OpenAIServer:
             why = failed.error or "the request was aborted"
             if self.llm.client.dead is not None or failed.finish_reason == "abort":
                 raise APIError(503, why, code="engine_unavailable")
-            raise APIError(500, why)
+            # the backend refused the constraint in the engine (the server's own check passed): the request's fault
+            raise APIError(400 if why.startswith("structured output:") else 500, why)
 
     async def events(self, choices: list[Choice], chunk: Callable[[Choice | None, str], BaseModel],
                      req: SamplingFields, first: list[BaseModel] | None = None) -> AsyncIterator[bytes]:
