@@ -16,16 +16,16 @@ TORCH_SPEC='torch>=2.5'  # keep in step with pyproject.toml
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 install_cpu_torch() {
-  python -c 'import torch' >/dev/null 2>&1 && return 0
+  python -c 'import importlib.metadata as m; m.version("torch")' >/dev/null 2>&1 && return 0
   has_gpu && return 0
   if python -m pip install -q --no-index --no-deps "$TORCH_SPEC" 2>/dev/null; then
-    echo "setup: torch (CPU build, a local wheel): $(python -c 'import torch; print(torch.__version__)')"
+    echo "setup: torch: the CPU build, from a local wheel"
     return 0
   fi
   local index=${TPSERVE_TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}
   if [ -n "$index" ] && python -m pip install -q --retries 1 --timeout 30 --no-deps --index-url "$index" \
       "$TORCH_SPEC"; then
-    echo "setup: torch (CPU build from $index): $(python -c 'import torch; print(torch.__version__)')"
+    echo "setup: torch: the CPU build, from $index"
     return 0
   fi
   echo "setup: no CPU build of torch found; pip installs PyPI's (a CUDA build, larger)" >&2
