@@ -1,4 +1,4 @@
-"""``tpserve`` commands: generate, serve, bench, make-model, convert-default, trace."""
+"""``tpserve`` commands: generate, serve, bench, make-model, convert-default, trace, stacks."""
 
 from __future__ import annotations
 
@@ -98,7 +98,13 @@ def cmd_bench(rest: list[str]) -> int:
     return 2
 
 
-DELEGATED = {"serve": cmd_serve, "bench": cmd_bench, "trace": cmd_trace}
+def cmd_stacks(rest: list[str]) -> int:
+    from tpserve.stacks import main as stacks_main
+
+    return stacks_main(rest)
+
+
+DELEGATED = {"serve": cmd_serve, "bench": cmd_bench, "trace": cmd_trace, "stacks": cmd_stacks}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # These parse their own options (see DELEGATED); listed here for the help text.
     sub.add_parser("trace", help="merge shutdown traces into one timeline: tpserve trace DIR")
+    sub.add_parser("stacks", help="every rank's and the proxy's thread stacks, live, as one view: "
+                   "tpserve stacks CONNECTION_FILE|PID")
     sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     sub.add_parser("bench", help="benchmarks: tpserve bench latency | tpserve bench serve")
     return parser

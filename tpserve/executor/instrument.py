@@ -5,7 +5,9 @@
 which fails with the iteration, the ranks and what differed: a desync becomes an error, never a hang.
 Test-only fault hooks, each ``RANK:ITERATION``: ``TPSERVE_FAULT_DIVERGE`` makes that rank publish a
 bogus delta from that iteration on (the check must catch it); ``TPSERVE_FAULT_RAISE`` makes that rank's
-loop raise there (the proxy must learn which rank failed).
+loop raise there (the proxy must learn which rank failed). ``TPSERVE_FAULT_HOLD=RANK:PATH`` holds that rank's
+loop at the start of every iteration while PATH exists (60 s at most), a wedge a test can start and end
+(the other ranks wait in the next collective; ``tpserve stacks`` must name the held rank).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Faults:
 
     diverge_at: int | None = None
     raise_at: int | None = None
+    hold_while: str | None = None  # a path: the loop holds while it exists
 
 
 def _fault_iteration(name: str, rank: int) -> int | None:
@@ -107,6 +110,15 @@ class Debug(Instruments):
     def on_step(self, iteration: int) -> None:
         if self.faults.raise_at is not None and iteration >= self.faults.raise_at:
             raise RuntimeError(f"injected fault at iteration {iteration} (TPSERVE_FAULT_RAISE)")
+        if self.faults.hold_while is not None:
+            self._hold(self.faults.hold_while)
+
+    @staticmethod
+    def _hold(path: str) -> None:
+        """Test-only wedge (TPSERVE_FAULT_HOLD): this rank's loop sleeps while ``path`` exists, bounded."""
+        deadline = time.monotonic() + 60.0
+        while os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def on_event(self, iteration: int, event: str, **data: Any) -> None:
         if self.events is not None:
@@ -142,7 +154,10 @@ def make_instruments(comm: MPI.Comm) -> Instruments:
     log_dir = os.environ.get("TPSERVE_EVENT_LOG")
     events = EventLog(log_dir, rank) if log_dir else None
     checker = RankChecker(comm) if os.environ.get("TPSERVE_CHECK_RANKS") == "1" and comm.Get_size() > 1 else None
-    faults = Faults(_fault_iteration("TPSERVE_FAULT_DIVERGE", rank), _fault_iteration("TPSERVE_FAULT_RAISE", rank))
+    hold = os.environ.get("TPSERVE_FAULT_HOLD", "")
+    hold_rank, _, hold_path = hold.partition(":")
+    faults = Faults(_fault_iteration("TPSERVE_FAULT_DIVERGE", rank), _fault_iteration("TPSERVE_FAULT_RAISE", rank),
+                    hold_path if hold and int(hold_rank) == rank else None)
     if events is None and checker is None and faults == Faults():
         return Instruments()
     return Debug(events, checker, faults)

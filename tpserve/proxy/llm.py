@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 from tqdm import tqdm
 
-from tpserve import wire
+from tpserve import stacks, wire
 from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
 from tpserve.model_path import resolve_model
@@ -61,6 +61,9 @@ class LLM:
         self._force = threading.Event()
         self.workers: WorkerProcess | None = None
         trace("proxy", "start", connect=connect or "", tp=engine.tensor_parallel_size)
+        stacks.install()  # `tpserve stacks PID` dumps this process too, and finds its engine through the note
+        if connect is not None:
+            stacks.note(connect=os.path.abspath(connect))
         if connect is not None:
             self.client = EngineClient(wire.ConnectionInfo.read(connect), bind=False, workers=None)
         else:

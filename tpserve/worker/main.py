@@ -14,7 +14,7 @@ import traceback
 
 from mpi4py import MPI
 
-from tpserve import wire
+from tpserve import stacks, wire
 from tpserve.engine_args import EngineArgs
 from tpserve.executor.engine import StartupFailed, build_engine
 from tpserve.executor.engine import stage as _stage
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(0.0001)
     comm = MPI.COMM_WORLD
     os.environ.setdefault("TPSERVE_RANK", str(comm.Get_rank()))
+    stacks.install()  # `tpserve stacks`: every thread's stack on a signal, also while wedged in a collective
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _die_of_signal)
     trace("worker", "start", tp=comm.Get_size())
