@@ -10,6 +10,8 @@
 #            500 prompts, all at once and at 16 req/s (measure.sh B's workload without its --max-batch-size)
 #   parity   scripts/gpu_parity.py on a small Qwen3 (engine bf16 vs HF bf16 greedy, TP 1)
 #   prefix   scripts/bench_prefix.py, Qwen3-0.6B shape: TTFT with a shared 1,000-token prompt, hit vs miss
+#   structured  scripts/bench_structured.py, Qwen3-0.6B shape: ITL with a JSON schema on every request vs
+#            unconstrained at batch 1 and 32, TTFT of a new and a cached schema
 #   A        measure.sh A: HF eager generate beside tpserve bench latency (every loop mode, concurrency 1 and 32)
 # Usage: OUT=/tmp/res bash scripts/device_host.sh profile latency serve
 set -uo pipefail
@@ -47,6 +49,8 @@ for stage in "$@"; do
     grep -i "warn\|max_batch\|ready in" "$OUT/serve.log" | head -5 ;;
   parity) timeout 200 python3 scripts/gpu_parity.py /tmp/m/qwen3-small --tp 1 2>&1 | tee "$OUT/parity.txt" | tail -8 ;;
   prefix) timeout 100 python3 scripts/bench_prefix.py --model /tmp/m/qwen3 2>&1 | tee "$OUT/prefix.txt" | tail -3 ;;
+  structured) timeout 200 python3 scripts/bench_structured.py --model /tmp/m/qwen3 --tokens 128 --rounds 3 2>&1 \
+      | grep -v Loading | tee "$OUT/structured.txt" | tail -8 ;;
   A) OUT=$OUT timeout 420 bash scripts/measure.sh A 2>&1 | grep -v "Loading\|Writing" | grep '"model"\|ttft\|TTFT\||' | tail -40 ;;
   esac
 done
