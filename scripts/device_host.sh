@@ -6,6 +6,7 @@
 #            shape) and 1 (SmolLM2 shape)
 #   latency  tpserve bench latency, overlap+early, concurrency 1 and 32, 128 in / 128 out, both shapes; then
 #            Qwen3 at concurrency 32 sampled (temperature 0.8, top-p 0.9, a seed per request) beside greedy
+#            (LATENCY_TEMPERATURES="" skips that pair)
 #   serve    tpserve serve with default options + tpserve bench serve, Qwen3-0.6B shape, random 512 in / 128 out,
 #            500 prompts, all at once and at 16 req/s (measure.sh B's workload without its --max-batch-size)
 #   parity   scripts/gpu_parity.py on a small Qwen3 (engine bf16 vs HF bf16 greedy, TP 1)
@@ -30,7 +31,7 @@ for stage in "$@"; do
       timeout 200 python3 -m tpserve.cli bench latency --model /tmp/m/$m --label gpu-$m --json "$OUT/lat_$m.json" \
         --modes overlap+early --concurrency 1,32 --rounds 1 --output-len 128 2>&1 | grep -v Loading | tail -4
     done
-    for t in 0 0.8; do
+    for t in ${LATENCY_TEMPERATURES-0 0.8}; do
       timeout 200 python3 -m tpserve.cli bench latency --model /tmp/m/qwen3 --label gpu-qwen3-t$t \
         --json "$OUT/lat_qwen3_t$t.json" --modes overlap+early --concurrency 32 --rounds 1 --output-len 128 \
         --temperature $t --top-p 0.9 2>&1 | grep -v Loading | tail -3
