@@ -37,7 +37,7 @@ def test_philox_matches_random123_known_answers():
              ((0x243F6A88, 0x85A308D3), (0xA4093822, 0x299F31D0), None)]
     (c, k, want), *_ = cases
     got = reference.philox4x32(torch.tensor(c[0]), torch.tensor(c[1]), torch.tensor(k[0]), torch.tensor(k[1]))
-    assert int(got) == want
+    assert [int(w) for w in got] == [want, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     # the full counters of the other two vectors have non-zero c2, c3: check through the round function
     full = [((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, 0x408F276D), ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
                                                                    (0xA4093822, 0x299F31D0), 0xD16CFE09)]
@@ -61,6 +61,8 @@ def test_noise_is_gumbel():
     other = reference.gumbel_noise(tokens, torch.tensor(4), torch.tensor(11), torch.tensor(0))
     assert (g != other).float().mean() > 0.999
     assert g.min() > -2.9 and g.max() < 16.7  # within the bound FLOOR_GAP relies on
+    rows = reference.gumbel_rows(torch.tensor([3, 4]), torch.tensor([11, 11]), torch.tensor([0, 0]), 1001)
+    assert torch.equal(rows[0], g[:1001]) and torch.equal(rows[1], other[:1001])  # the dense path: the same noise
 
 
 PARAMS = [
@@ -85,7 +87,10 @@ def test_distribution_matches_the_definitions(params):
     gen = torch.Generator().manual_seed(PARAMS.index(params))
     logits = (torch.randn(1, VOCAB, generator=gen) * 1.5).repeat(DRAWS, 1)
     sampler = Sampler(torch.device("cpu"), 0)
-    requests = [request(0, dataclasses.replace(params, seed=1234), outputs=n) for n in range(DRAWS)]
+    seeded = dataclasses.replace(params, seed=1234)
+    requests = [request(0, seeded) for _ in range(DRAWS)]
+    for n, req in enumerate(requests):
+        req.num_pending = n  # the counter: the n-th draw (cheaper than n outputs)
     tokens = sampler.sample(logits, requests)
     probs = sampler.probabilities(logits[:1], requests[:1])[0].double()
     probs = probs / probs.sum()  # top-p's reference leaves the kept mass unnormalized

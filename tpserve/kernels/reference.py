@@ -173,10 +173,10 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(c0: torch.Tensor, c1: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
-               rounds: int = 10) -> torch.Tensor:
-    """The first word of Philox4x32-10 (Salmon et al., Random123; Triton's ``tl.philox``) of the counter
-    (c0, c1, 0, 0) under the key (k0, k1), all int64 tensors holding 32-bit values (broadcast)."""
-    zero = torch.zeros_like(c0)
+               rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 (Salmon et al., Random123; Triton's ``tl.philox``) of the counter (c0, c1, 0, 0) under the
+    key (k0, k1): its four words. All int64 tensors holding 32-bit values (broadcast)."""
+    zero = torch.zeros_like(c0 + c1 + k0 + k1)
     c0, c1, c2, c3 = c0 + zero, c1 + zero, zero, zero
     k0, k1 = k0 + zero, k1 + zero
     for _ in range(rounds):
@@ -184,17 +184,34 @@ def philox4x32(c0: torch.Tensor, c1: torch.Tensor, k0: torch.Tensor, k1: torch.T
         hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def _to_gumbel(bits: torch.Tensor) -> torch.Tensor:
+    u = ((bits >> 9).float() + 0.5) * (2.0**-23)  # exact in float32, in (0, 1)
+    return -torch.log(-torch.log(u))
 
 
 def gumbel_noise(token: torch.Tensor, offset: torch.Tensor, seed_lo: torch.Tensor, seed_hi: torch.Tensor
                  ) -> torch.Tensor:
     """float32 Gumbel noise of token ids at a request's sample counter under its seed: a pure function of
-    (seed, counter, token), so a row draws the same noise alone or in any batch, on every rank. Arguments are
-    int64 tensors (broadcast); seeds and counters are 32-bit patterns."""
-    bits = philox4x32(token & _MASK32, offset & _MASK32, seed_lo & _MASK32, seed_hi & _MASK32)
-    u = ((bits >> 9).float() + 0.5) * (2.0**-23)  # exact in float32, in (0, 1)
-    return -torch.log(-torch.log(u))
+    (seed, counter, token), so a row draws the same noise alone or in any batch, on every rank. Token v reads
+    word v % 4 of Philox's counter (v // 4, counter): one Philox per four tokens. Arguments are int64 tensors
+    (broadcast); seeds and counters are 32-bit patterns."""
+    words = philox4x32(token >> 2, offset & _MASK32, seed_lo & _MASK32, seed_hi & _MASK32)
+    lane = token & 3
+    bits = torch.where(lane == 0, words[0], torch.where(lane == 1, words[1], torch.where(lane == 2, words[2],
+                                                                                        words[3])))
+    return _to_gumbel(bits)
+
+
+def gumbel_rows(offset: torch.Tensor, seed_lo: torch.Tensor, seed_hi: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [n, vocab]: gumbel_noise of every token of n rows (int64 [n] counters and seeds), four tokens
+    per Philox evaluation."""
+    groups = torch.arange((vocab + 3) // 4).view(1, -1)
+    col = lambda t: (t & _MASK32).view(-1, 1)  # noqa: E731
+    words = philox4x32(groups, col(offset), col(seed_lo), col(seed_hi))
+    return _to_gumbel(torch.stack(words, dim=-1).flatten(1)[:, :vocab])
 
 
 def sample(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -238,10 +255,13 @@ def sample(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
             cut = torch.where(top_p < 1.0, ordered.gather(1, last), float("-inf"))
             threshold = torch.maximum(threshold, cut)
     keep = (x >= threshold) & live
-    r, v = keep.nonzero(as_tuple=True)  # noise only where a token can win
     seeds = ints[rows]
-    noise = gumbel_noise(v, seeds[r, SAMPLE_OFFSET], seeds[r, SAMPLE_SEED_LO], seeds[r, SAMPLE_SEED_HI])
-    scores = torch.full_like(x, float("-inf"))
-    scores[r, v] = x[r, v] + noise
+    offset, seed_lo, seed_hi = seeds[:, SAMPLE_OFFSET], seeds[:, SAMPLE_SEED_LO], seeds[:, SAMPLE_SEED_HI]
+    r, v = keep.nonzero(as_tuple=True)  # noise only where a token can win
+    if 4 * r.numel() > keep.numel():  # most tokens: every row's noise, four tokens a Philox
+        scores = torch.where(keep, x + gumbel_rows(offset, seed_lo, seed_hi, vocab), float("-inf"))
+    else:
+        scores = torch.full_like(x, float("-inf"))
+        scores[r, v] = x[r, v] + gumbel_noise(v, offset[r], seed_lo[r], seed_hi[r])
     chosen = torch.where(live.flatten(), torch.argmax(scores, dim=-1), tokens[rows])
     return tokens.index_copy(0, rows, chosen)

@@ -67,9 +67,9 @@ def _load_scaled(row_ptr, offs, V, inv_t):
 
 @triton.jit
 def _gumbel(tok, offset, k0, k1):
-    """reference.gumbel_noise: Philox4x32-10 of the counter (token, offset, 0, 0) under the key (k0, k1), the
-    first word's top 23 bits to a uniform in (0, 1), then -log(-log(u)) with libdevice's exact log."""
-    c0 = tok.to(tl.uint32, bitcast=True)
+    """reference.gumbel_noise: word tok % 4 of Philox4x32-10 of the counter (tok // 4, offset, 0, 0) under the
+    key (k0, k1), its top 23 bits to a uniform in (0, 1), then -log(-log(u)) with an exact log."""
+    c0 = (tok >> 2).to(tl.uint32, bitcast=True)
     zero = c0 * 0
     c1 = zero + offset
     c2 = zero
@@ -84,7 +84,9 @@ def _gumbel(tok, offset, k0, k1):
         c3 = _c0 * 0xD2511F53
         key0 = key0 + 0x9E3779B9
         key1 = key1 + 0xBB67AE85
-    u = ((c0 >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+    lane = tok & 3
+    bits = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     return -_log(-_log(u))
 
 
