@@ -66,10 +66,8 @@ def _load_scaled(row_ptr, offs, V, inv_t):
 
 
 @triton.jit
-def _gumbel(tok, offset, k0, k1):
-    """reference.gumbel_noise: word tok % 4 of Philox4x32-10 of the counter (tok // 4, offset, 0, 0) under the
-    key (k0, k1), its top 23 bits to a uniform in (0, 1), then -log(-log(u)) with an exact log."""
-    c0 = (tok >> 2).to(tl.uint32, bitcast=True)
+def _philox(c0, offset, k0, k1):
+    """Philox4x32-10 of the counters (c0, offset, 0, 0) under the key (k0, k1): four uint32 words each."""
     zero = c0 * 0
     c1 = zero + offset
     c2 = zero
@@ -84,10 +82,32 @@ def _gumbel(tok, offset, k0, k1):
         c3 = _c0 * 0xD2511F53
         key0 = key0 + 0x9E3779B9
         key1 = key1 + 0xBB67AE85
-    lane = tok & 3
-    bits = tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3)))
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _to_gumbel(bits):
+    """The top 23 bits to a uniform in (0, 1), then -log(-log(u)) with an exact log."""
     u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
     return -_log(-_log(u))
+
+
+@triton.jit
+def _gumbel(tok, offset, k0, k1):
+    """reference.gumbel_noise of any token ids: word tok % 4 of Philox of the counter (tok // 4, offset)."""
+    c0, c1, c2, c3 = _philox((tok >> 2).to(tl.uint32, bitcast=True), offset, k0, k1)
+    lane = tok & 3
+    return _to_gumbel(tl.where(lane == 0, c0, tl.where(lane == 1, c1, tl.where(lane == 2, c2, c3))))
+
+
+@triton.jit
+def _gumbel_tile(start, offset, k0, k1, BLOCK: tl.constexpr):
+    """The noise of tokens start .. start + BLOCK (start a multiple of 4): one Philox per four tokens, its
+    words interleaved back into token order."""
+    groups = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32, bitcast=True)
+    c0, c1, c2, c3 = _philox(groups, offset, k0, k1)
+    words = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # [g, i, j] = word 2i + j of group g
+    return _to_gumbel(tl.reshape(words, (BLOCK,)))
 
 
 @triton.jit
@@ -268,7 +288,8 @@ def _sample_kernel(
                 offs = start + tl.arange(0, BLOCK)
                 x = _load_scaled(row_ptr, offs, V, inv_t)
                 if tl.max(x, 0) >= threshold:
-                    score = tl.where(x >= threshold, x + _gumbel(offs, offset, seed_lo, seed_hi), float("-inf"))
+                    noise = _gumbel_tile(start, offset, seed_lo, seed_hi, BLOCK)
+                    score = tl.where(x >= threshold, x + noise, float("-inf"))
                     bm = tl.max(score, 0)
                     if bm > top:
                         token = (start + tl.argmax(score, 0)).to(tl.int64)
