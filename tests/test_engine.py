@@ -89,6 +89,21 @@ def test_seeded_sampling_is_reproducible(llm):
     assert other.token_ids != first
 
 
+def test_seeded_rows_of_every_kind_are_the_same_alone_and_at_any_row(llm):
+    """Top-p, top-k and min_p rows with seeds, each alone, then all together in two orders beside unseeded
+    rows (TP 2, ranks cross-checked): the noise is a function of (seed, counter, token), never of the row."""
+    kinds = [SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True),
+             SamplingParams(max_tokens=8, temperature=1.2, top_k=20, seed=12, ignore_eos=True),
+             SamplingParams(max_tokens=8, temperature=1.0, min_p=0.05, top_p=0.95, seed=13, ignore_eos=True)]
+    prompts = [prompt(20 + i, 5 + i) for i in range(len(kinds))]
+    alone = [llm.generate([p], k)[0].token_ids for p, k in zip(prompts, kinds, strict=True)]
+    noise = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+    batch = llm.generate([prompt(30, 4)] + prompts, [noise] + kinds)
+    assert [o.token_ids for o in batch[1:]] == alone
+    flipped = llm.generate(prompts[::-1] + [prompt(31, 7)], kinds[::-1] + [noise])
+    assert [o.token_ids for o in flipped[:3]] == alone[::-1]
+
+
 def test_seeded_sampling_reproducible_across_launches(llm):
     params = SamplingParams(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)
     unseeded = SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True)

@@ -202,7 +202,7 @@ def test_reachable_variants_hold_every_launch_choice_a_configuration_can_make() 
         for s in range(1, min(t - 1, cfg.max_batch_size) + 1):
             assert ("varlen", policy.varlen_block_m(t, s, cfg.group_pad)) in eager, (t, s)
     assert {k for k, _ in eager} == {"decode", "reduce", "varlen", "qk_norm_rope_store", "rms_norm",
-                                     "add_rmsnorm", "silu_and_mul"}
+                                     "add_rmsnorm", "silu_and_mul", "sample"}
 
     keys = graph_keys(cfg.max_batch_size, cfg.max_num_tokens)
     graphed = reachable_graphed(cfg, keys)

@@ -68,8 +68,6 @@ def test_sampler_matches_the_definitions_step_by_step():
     sampler = Sampler(torch.device("cpu"), 0)
     requests = [Request(i, [rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))], p, False)
                 for i, p in enumerate(ROWS)]
-    for r in requests:
-        r.generator = sampler.generator_for(r)
     for _ in range(12):
         # few distinct large values: repeated tokens, and penalties that change the argmax
         logits = torch.tensor([[rng.choice([-3.0, -1.0, 0.5, 2.0, 4.0]) + rng.random() for _ in range(VOCAB)]

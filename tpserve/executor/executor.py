@@ -253,7 +253,6 @@ class Executor:
         req = Request(rid, list(item.prompt_token_ids), params, item.stream)
         req.metrics["arrival_proxy"] = item.arrival_time
         req.metrics["arrival_rank0"] = item.rank0_time or time.time()  # the intake thread's clock
-        req.generator = self.sampler.generator_for(req)
         self.requests[rid] = req
         if params.structured is not None:
             self.grammars.add(req)  # reaches the scheduler once its grammar is ready on every rank

@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from tpserve.sampling_params import SamplingParams
 
 
@@ -55,7 +53,8 @@ class Request:
     num_pending: int = 0
     num_cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache at first admission
     num_cached_blocks: int = 0  # leading full blocks already offered to the prefix cache
-    generator: torch.Generator | None = None
+    # The sampler's packed parameters (vocabulary size, int32 row), built at the first sampled step.
+    sample_row: tuple[int, Any] | None = None
     num_published: int = 0
     finished: bool = False
     finish_reason: str | None = None

@@ -1,15 +1,19 @@
-"""Token sampling that gives the same tokens on every rank: same logits, same seeded generators.
+"""Token sampling that gives the same tokens on every rank, alone or in any batch: one batched launch, no generators.
 
-Sampling never raises on a row's values: a random row draws ``argmax(probs / q)`` with exponential noise
-``q`` (the exponential race, equivalent to sampling from ``probs``), where ``torch.multinomial`` raises on
-NaN or inf probabilities (on CUDA a device-side assert that kills the process). One request's row can
-therefore never stop the batch, whatever its logits.
+A random row keeps the tokens at or above one threshold (temperature, then min_p, top-k and top-p: vLLM's order)
+and draws ``argmax(x + g)`` over them (Gumbel-max, a draw from their softmax), where the Gumbel noise ``g`` of
+token v is Philox4x32-10 of (the request's seed, its sample counter, v): a pure function, so a seeded request
+draws the same tokens alone or batched, at any row, on every rank, and again after a preemption (the counter
+is the index of the output token being drawn, rebuilt from the request's outputs). Greedy rows take the argmax.
+All rows go through ``tpserve.kernels.sample``: one sort-free Triton launch on CUDA, its torch reference elsewhere
+(the same math and the same noise). ``torch.multinomial`` raises on NaN or inf probabilities (on CUDA a
+device-side assert that kills the process); here NaN counts as -inf and +inf as the largest float, so one
+request's row can never stop the batch, whatever its logits.
 
 Before sampling, the rows that ask for it get vLLM's logits processing, in vLLM's order: ``logit_bias``, then
 ``repetition_penalty`` (prompt and generated tokens), ``frequency_penalty`` and ``presence_penalty``
-(generated tokens); random rows then apply temperature, ``min_p``, top-k and top-p. The generated-token
-counts live on the device, one int32 row per penalized request, updated from the sampled ids without a host
-sync: no step does host work proportional to the vocabulary.
+(generated tokens). The generated-token counts live on the device, one int32 row per penalized request,
+updated from the sampled ids without a host sync: no step does host work proportional to the vocabulary.
 
 Log-probabilities come from the raw logits (vLLM's default ``raw_logprobs``): one ``log_softmax`` + ``topk``
 over the rows that ask, packed with the sampled ids into one float64 tensor, so one copy brings both to the
@@ -20,9 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from tpserve import kernels
 from tpserve.executor.request import Request
+from tpserve.kernels import reference
 
 # One log-probability entry on the host and on the wire: [token_id, logprob, rank], the chosen token first,
 # then the top k (rank 1 the most likely).
@@ -111,17 +118,44 @@ class Sampler:
         self.device = device
         self.engine_seed = engine_seed
 
-    def generator_for(self, request: Request) -> torch.Generator | None:
-        """A per-request generator: an explicit seed reproduces across runs; otherwise derived from the
-        engine seed and the request id, still identical on every rank."""
-        if request.params.greedy:
-            return None
-        seed = request.params.seed
-        if seed is None:
-            seed = (self.engine_seed * 1_000_003 + request.request_id) % 2**63
-        g = torch.Generator(device=self.device)
-        g.manual_seed(seed)
-        return g
+    def seed_for(self, request: Request) -> int:
+        """An explicit seed reproduces across runs; otherwise one derived from the engine seed and the request
+        id, still identical on every rank."""
+        if request.params.seed is not None:
+            return request.params.seed
+        return (self.engine_seed * 1_000_003 + request.request_id) % 2**63
+
+    def _row(self, request: Request, vocab: int) -> np.ndarray:
+        """The request's packed parameters (reference.SAMPLE_*), built at its first sampled step; the sample
+        counter is filled in per step."""
+        cached = request.sample_row
+        if cached is not None and cached[0] == vocab:  # keyed by the vocabulary: top_k's "off" is its size
+            return cached[1]
+        p = request.params
+        row = np.zeros(reference.SAMPLE_PARAMS, dtype=np.int32)
+        if p.greedy:
+            row[reference.SAMPLE_GREEDY] = 1
+            row[reference.SAMPLE_INV_TEMP:] = np.array([1.0, 1.0, 0.0], np.float32).view(np.int32)
+        else:
+            seed = self.seed_for(request)
+            row[reference.SAMPLE_SEED_LO] = np.uint32(seed & 0xFFFFFFFF).view(np.int32)
+            row[reference.SAMPLE_SEED_HI] = np.uint32(seed >> 32).view(np.int32)
+            row[reference.SAMPLE_INV_TEMP:] = np.array([1.0 / p.temperature, p.top_p, p.min_p],
+                                                       np.float32).view(np.int32)
+        row[reference.SAMPLE_TOP_K] = min(p.top_k, vocab) or vocab
+        request.sample_row = (vocab, row)
+        return row
+
+    def row_params(self, requests: list[Request], vocab: int) -> torch.Tensor:
+        """int32 [n, SAMPLE_PARAMS] on the device, one copy: each row's parameters and sample counter (the index
+        of the output token it draws: rebuilt from the outputs, so a recomputed request draws the same noise)."""
+        host = np.stack([self._row(r, vocab) for r in requests])
+        host[:, reference.SAMPLE_OFFSET] = [len(r.output_token_ids) + r.num_pending for r in requests]
+        pin = self.device.type == "cuda"  # pinned: a copy from pageable memory waits for the device
+        tensor = torch.from_numpy(host)
+        if pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=pin)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         pin = self.device.type == "cuda"  # pinned: a copy from pageable memory waits for the device
@@ -129,20 +163,15 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """logits: float32 [S, V] for the requests in order (left as they are: the log-probabilities read the
-        raw logits); returns int64 [S] on the device. Greedy rows take the argmax of the adjusted logits."""
+        raw logits); returns int64 [S] on the device. An all-greedy step is one argmax; any other is one
+        batched sampling launch over every row."""
         penalized = [i for i, req in enumerate(requests) if req.params.penalized]
         if penalized:
             logits = self.adjusted_logits(logits, requests, penalized)
-        tokens = torch.argmax(logits, dim=-1)
-        rows = [i for i, req in enumerate(requests) if not req.params.greedy]
-        if rows:
-            sampled = [requests[i] for i in rows]
-            index = self._to_device(rows, torch.long)
-            probs = self.probabilities(logits.index_select(0, index), sampled)
-            noise = torch.empty_like(probs)
-            for i, req in enumerate(sampled):
-                noise[i].exponential_(generator=req.generator)
-            tokens.index_copy_(0, index, torch.argmax(probs / noise, dim=-1))
+        if all(req.params.greedy for req in requests):
+            tokens = torch.argmax(logits, dim=-1)
+        else:
+            tokens = kernels.sample(logits, self.row_params(requests, logits.shape[1]))
         if penalized:
             self._count(tokens, requests, penalized)
         return tokens
@@ -204,8 +233,8 @@ class Sampler:
             state.counts.index_add_(0, tokens[i : i + 1], one)
 
     def probabilities(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """What a random row samples from: temperature, min_p, top-k and top-p as batched operations with
-        per-row parameters."""
+        """What a random row samples from, by the definitions (a sort for top-p): temperature, min_p, top-k and
+        top-p. Not on the serving path: the reference the batched sampler's distribution is tested against."""
         n, vocab = logits.shape
         params = [r.params for r in requests]
         per_row = self._to_device([[p.temperature, p.top_p, min(p.top_k, vocab) or vocab, p.min_p] for p in params],

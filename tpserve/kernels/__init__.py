@@ -18,6 +18,7 @@ __all__ = [
     "paged_attention",
     "qk_norm_rope_store",
     "rms_norm",
+    "sample",
     "silu_and_mul",
     "store_kv",
 ]
@@ -113,3 +114,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
         return fused.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
+
+
+def sample(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """int64 [n] tokens of logits [n, V] under the packed per-row params int32 [n, reference.SAMPLE_PARAMS]:
+    greedy rows the argmax, random rows a Gumbel-max draw from what temperature, min_p, top-k and top-p keep."""
+    if backend_for(logits) == "triton":
+        from tpserve.kernels import sampling
+
+        return sampling.sample(logits, params)
+    return reference.sample(logits, params)

@@ -29,7 +29,7 @@ Variant = tuple[str, int]
 for "decode" and "reduce", 0 for the kernels that have a single variant per model). A "mixed_" kernel is the
 same kernel in a prompt graph, which reads its decode count from the device (another constexpr)."""
 
-SINGLE = (("qk_norm_rope_store", 0), ("rms_norm", 0), ("add_rmsnorm", 0), ("silu_and_mul", 0))
+SINGLE = (("qk_norm_rope_store", 0), ("rms_norm", 0), ("add_rmsnorm", 0), ("silu_and_mul", 0), ("sample", 0))
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
             dtype: torch.dtype) -> None:
     """Launches every variant once on inputs shaped like the model's own (the same strides, so the same
     specialization), over a throw-away two-block cache. Only on the Triton path."""
-    from tpserve.kernels import attention, fused
+    from tpserve.kernels import attention, fused, sampling
+    from tpserve.kernels.reference import SAMPLE_PARAMS
 
     layer = model.model.layers[0]
     attn = layer.self_attn
@@ -114,6 +115,10 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
             fused.add_rmsnorm(hidden, hidden, layer.input_layernorm.weight, 1e-6)
         elif kernel == "silu_and_mul":
             fused.silu_and_mul(layer.mlp.gate_up_proj(hidden))
+        elif kernel == "sample":  # the sampler's float32 logits, and the model's dtype should logits come in it
+            params = torch.zeros(1, SAMPLE_PARAMS, dtype=torch.int32, device=device)
+            for logits_dtype in {torch.float32, dtype}:
+                sampling.sample(torch.zeros(1, model.config.vocab_size, device=device, dtype=logits_dtype), params)
         elif kernel in ("varlen", "mixed_varlen"):
             decodes = zero if kernel == "mixed_varlen" else None
             attention.varlen_attention(q_rot, k_cache, v_cache, qsl, one, tables, attn.attn.scale, block_m=choice,
