@@ -2,6 +2,9 @@
 # GPU figures of the host-path issue (the host keeps up with the GPU) on the device, from the project root,
 # carrying .whl and .devmodel (see scripts/measure.sh, whose workloads these are). Stages, in the order given;
 # outputs under $OUT:
+#   sampler  scripts/gpu_sampler.py: the sampling kernel against its torch reference on [32, 151,936] logits and
+#            its time beside greedy argmax; if it fails, the later stages sample with the torch reference
+#            (TPSERVE_TORCH_SAMPLER=1), so the run still measures the rest
 #   profile  scripts/host_profile.py: host time per steady decode iteration by part, batch 1, 32, 256 (Qwen3-0.6B
 #            shape) and 1 (SmolLM2 shape)
 #   latency  tpserve bench latency, overlap+early, concurrency 1 and 32, 128 in / 128 out, both shapes; then
@@ -21,6 +24,9 @@ nvidia-smi -L
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
+  sampler)
+    timeout 200 python3 scripts/gpu_sampler.py --out "$OUT/sampler.md" 2>&1 | grep -v Loading | tail -30
+    rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "gpu_sampler.py failed ($rc): TPSERVE_TORCH_SAMPLER=1 from here"; export TPSERVE_TORCH_SAMPLER=1; } ;;
   profile)
     timeout 240 python3 scripts/host_profile.py --model /tmp/m/qwen3 --batch 1,32,256 --iterations 200 2>&1 \
       | grep -v Loading | tee "$OUT/profile_qwen3.txt" | tail -6

@@ -136,8 +136,6 @@ def profile_sampling(vocab_size: int, rows: int, device: Any) -> None:
     params = SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.1,
                             frequency_penalty=0.5, presence_penalty=0.5, logit_bias={1: 1.0}, logprobs=20)
     requests = [Request(i, [1, 2, 3], params, False) for i in range(rows)]
-    for req in requests:
-        req.generator = sampler.generator_for(req)
     logits = torch.randn(rows, vocab_size, device=device)
     tokens = sampler.sample(logits, requests)
     plan = sampler.logprob_plan(requests, None)

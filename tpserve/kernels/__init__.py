@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tpserve.kernels import reference
-from tpserve.kernels.policy import backend_for
+from tpserve.kernels.policy import backend_for, sampler_backend
 from tpserve.kernels.reference import build_cos_sin_cache
 
 __all__ = [
@@ -119,7 +119,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """int64 [n] tokens of logits [n, V] under the packed per-row params int32 [n, reference.SAMPLE_PARAMS]:
     greedy rows the argmax, random rows a Gumbel-max draw from what temperature, min_p, top-k and top-p keep."""
-    if backend_for(logits) == "triton":
+    if sampler_backend(logits) == "triton":
         from tpserve.kernels import sampling
 
         return sampling.sample(logits, params)

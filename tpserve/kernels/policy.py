@@ -15,6 +15,16 @@ import torch
 DISABLE_ENV = "TPSERVE_DISABLE_TRITON"
 """Set to 1 to run the torch references on CUDA too (to compare or to bisect a suspected kernel bug)."""
 
+TORCH_SAMPLER_ENV = "TPSERVE_TORCH_SAMPLER"
+"""Set to 1 to sample with the torch reference on CUDA while every other kernel stays Triton (to compare,
+or to serve on should the sampling kernel misbehave on a device)."""
+
+
+def sampler_backend(x: torch.Tensor) -> str:
+    """The sampler's backend: ``backend_for``, unless TPSERVE_TORCH_SAMPLER=1 says torch."""
+    return "torch" if os.environ.get(TORCH_SAMPLER_ENV, "0") == "1" else backend_for(x)
+
+
 DECODE_BLOCK_N = 64
 """Keys per tile in the decode kernel; also the unit the split-KV work is divided in."""
 

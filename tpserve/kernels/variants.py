@@ -21,6 +21,7 @@ from tpserve.kernels.policy import (
     kv_tiles,
     next_power_of_2,
     num_kv_splits,
+    sampler_backend,
     varlen_block_m,
 )
 
@@ -115,7 +116,7 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
             fused.add_rmsnorm(hidden, hidden, layer.input_layernorm.weight, 1e-6)
         elif kernel == "silu_and_mul":
             fused.silu_and_mul(layer.mlp.gate_up_proj(hidden))
-        elif kernel == "sample":  # the sampler's float32 logits, and the model's dtype should logits come in it
+        elif kernel == "sample" and sampler_backend(hidden) == "triton":  # float32 logits, and the model's dtype
             params = torch.zeros(1, SAMPLE_PARAMS, dtype=torch.int32, device=device)
             for logits_dtype in {torch.float32, dtype}:
                 sampling.sample(torch.zeros(1, model.config.vocab_size, device=device, dtype=logits_dtype), params)
