@@ -12,6 +12,7 @@
 #            (LATENCY_TEMPERATURES="" skips that pair)
 #   serve    tpserve serve with default options + tpserve bench serve, Qwen3-0.6B shape, random 512 in / 128 out,
 #            500 prompts, all at once and at 16 req/s (measure.sh B's workload without its --max-batch-size)
+#   hops     scripts/hop_profile.py, Qwen3-0.6B shape: each hand-off of a first token at concurrency 1 (p50/p90)
 #   parity   scripts/gpu_parity.py on a small Qwen3 (engine bf16 vs HF bf16 greedy, TP 1)
 #   prefix   scripts/bench_prefix.py, Qwen3-0.6B shape: TTFT with a shared 1,000-token prompt, hit vs miss
 #   structured  scripts/bench_structured.py, Qwen3-0.6B shape: ITL with a JSON schema on every request vs
@@ -30,8 +31,8 @@ for stage in "$@"; do
   profile)
     timeout 240 python3 scripts/host_profile.py --model /tmp/m/qwen3 --batch 1,32,256 --iterations 200 2>&1 \
       | grep -v Loading | tee "$OUT/profile_qwen3.txt" | tail -6
-    timeout 120 python3 scripts/host_profile.py --model /tmp/m/smol --batch 1 --iterations 200 2>&1 \
-      | grep -v Loading | tee "$OUT/profile_smol.txt" | tail -3 ;;
+    [ -n "${PROFILE_SMOL-1}" ] && timeout 120 python3 scripts/host_profile.py --model /tmp/m/smol --batch 1 \
+      --iterations 200 2>&1 | grep -v Loading | tee "$OUT/profile_smol.txt" | tail -3 ;;
   latency)
     for m in qwen3 smol; do
       timeout 200 python3 -m tpserve.cli bench latency --model /tmp/m/$m --label gpu-$m --json "$OUT/lat_$m.json" \
@@ -46,7 +47,7 @@ for stage in "$@"; do
     TRITON_CACHE_DIR=/tmp/tc-serve python3 -m tpserve.cli serve --model /tmp/m/qwen3 --port 8123 > "$OUT/serve.log" 2>&1 &
     for i in $(seq 150); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health')" 2>/dev/null && break; sleep 1; done
     echo "ready after ${i} s"
-    for rate in inf 16; do
+    for rate in ${SERVE_RATES-inf 16}; do
       timeout 100 python3 -m tpserve.cli bench serve --base-url http://127.0.0.1:8123 --input-len 512 --output-len 128 \
         --num-prompts 500 --request-rate $rate --seed 0 --prompt-ids --disable-tqdm --result-dir "$OUT" \
         --result-filename serve_rate$rate.json --label qwen3-default-rate$rate --no-plots 2>&1 | tail -14
@@ -54,9 +55,11 @@ for stage in "$@"; do
     python3 -c "import urllib.request as u; print([l for l in u.urlopen('http://127.0.0.1:8123/metrics').read().decode().splitlines() if 'triton_compiles_total' in l or 'max_batch' in l])"
     kill -TERM %1; wait
     grep -i "warn\|max_batch\|ready in" "$OUT/serve.log" | head -5 ;;
+  hops) timeout 120 python3 scripts/hop_profile.py --model /tmp/m/qwen3 --requests 200 2>&1 | grep -v Loading \
+      | tee "$OUT/hops.txt" | tail -16 ;;
   parity) timeout 200 python3 scripts/gpu_parity.py /tmp/m/qwen3-small --tp 1 2>&1 | tee "$OUT/parity.txt" | tail -8 ;;
   prefix) timeout 100 python3 scripts/bench_prefix.py --model /tmp/m/qwen3 2>&1 | tee "$OUT/prefix.txt" | tail -3 ;;
-  structured) timeout 200 python3 scripts/bench_structured.py --model /tmp/m/qwen3 --tokens 128 --rounds 3 2>&1 \
+  structured) timeout 200 python3 scripts/bench_structured.py --model /tmp/m/qwen3 --tokens 128 --rounds ${STRUCT_ROUNDS-3} 2>&1 \
       | grep -v Loading | tee "$OUT/structured.txt" | tail -8 ;;
   A) OUT=$OUT timeout 420 bash scripts/measure.sh A 2>&1 | grep -v "Loading\|Writing" | grep '"model"\|ttft\|TTFT\||' | tail -40 ;;
   esac
