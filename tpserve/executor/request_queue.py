@@ -10,7 +10,7 @@ import numpy as np
 import zmq
 from mpi4py import MPI
 
-from tpserve import wire
+from tpserve import hop_trace, wire
 
 DOORBELL_FALLBACK_MS = 50  # an idle rank re-checks the broadcast this often even if a doorbell is lost
 DOORBELL_SETUP_S = 5.0
@@ -108,6 +108,15 @@ class RequestQueue:
                         return
 
     def fetch(self, idle: bool) -> list[wire.Message]:
+        """Collective: returns the new items on every rank (see ``_fetch``)."""
+        items = self._fetch(idle)
+        if hop_trace.ENABLED and self.rank == 0:
+            for item in items:
+                if isinstance(item, wire.Submit):
+                    hop_trace.stamp(item.request_id, "r_fetched")
+        return items
+
+    def _fetch(self, idle: bool) -> list[wire.Message]:
         """Collective: returns the new items on every rank. ``idle`` (the same on every rank) makes rank 0
         block for the next item and the others sleep until it rings.
 

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 from tqdm import tqdm
 
-from tpserve import stacks, wire
+from tpserve import hop_trace, stacks, wire
 from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
 from tpserve.model_path import resolve_model
@@ -135,6 +135,9 @@ class LLM:
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         rs = RequestStream(out, detok, self.abort, stream)
         self.client.submit(rs, wire.Submit(rid, ids, params.to_dict(), stream, out.metrics.arrival_proxy))
+        if hop_trace.ENABLED:
+            hop_trace.stamp(rid, "p_submit", out.metrics.arrival_proxy)
+            hop_trace.stamp(rid, "p_sent")
         return rs
 
     def generate(
