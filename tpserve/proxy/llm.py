@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import phase_timer, trace
 
 Prompt = str | list[int]
+IPC_PATH_MAX = 100  # ipc:// + a Unix socket path (108 bytes on Linux, 104 on macOS, with its NUL)
 ATTACH_TIMEOUT_S = 10.0  # the most LLM(connect=...) waits for the engine behind the file to answer
 
 
@@ -60,6 +62,7 @@ class LLM:
         self._shutdown_lock = threading.Lock()
         self._force = threading.Event()
         self.workers: WorkerProcess | None = None
+        self._ipc_dir: str | None = None
         trace("proxy", "start", connect=connect or "", tp=engine.tensor_parallel_size)
         stacks.install()  # `tpserve stacks PID` dumps this process too, and finds its engine through the note
         if connect is not None:
@@ -68,9 +71,14 @@ class LLM:
             self.client = EngineClient(wire.ConnectionInfo.read(connect), bind=False, workers=None)
         else:
             key = wire.new_key()
-            self.client = EngineClient(
-                wire.ConnectionInfo("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", key), bind=True, workers=None
-            )
+            # Rank 0 runs on this host (the sockets bind the loopback): Unix sockets in a directory only this
+            # user can enter. A hop over them costs ~60% of one over TCP loopback (docs/benchmarks.md), and no
+            # other local user can even connect (over TCP they could, and only the HMAC kept them out).
+            self._ipc_dir = tempfile.mkdtemp(prefix="tpserve-ipc-")
+            addrs = (f"ipc://{self._ipc_dir}/requests", f"ipc://{self._ipc_dir}/responses")
+            if len(addrs[1]) > IPC_PATH_MAX:  # a long TMPDIR: a Unix socket's path has a small limit
+                addrs = ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+            self.client = EngineClient(wire.ConnectionInfo(*addrs, key), bind=True, workers=None)
             env = mpi_environment(engine.tensor_parallel_size)
             env[wire.ENV_KEY] = key.hex()  # never argv: other users can read a process's arguments
             env[wire.ENV_REQUEST_ADDR] = self.client.conn.request_addr
@@ -272,6 +280,8 @@ class LLM:
             exited = self._wait(lambda: self.workers.poll() is not None, 10.0)
             trace("proxy", "wait_workers", outcome="exited" if exited else "timeout", code=self.workers.poll())
         self.client.close()
+        if self._ipc_dir is not None:  # the socket files go with the sockets
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
         if self.workers is not None:
             code = self.workers.stop()
             trace("proxy", "mpirun_reaped", code=code)
