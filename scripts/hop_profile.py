@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def run_child(args: argparse.Namespace) -> dict:
             metrics[stream.request_id] = vars(stream.output.metrics)
             await asyncio.sleep(args.gap)
 
+    stop = threading.Event()
+    if args.busy:  # another thread running Python in the user's process (a server's event loop under load)
+        threading.Thread(target=lambda: [sum(range(200)) for _ in iter(lambda: stop.is_set(), True)],
+                         daemon=True).start()
     try:
         for _ in range(args.warmup):
             one_sync()
@@ -113,6 +118,7 @@ def run_child(args: argparse.Namespace) -> dict:
                 one_sync()
                 time.sleep(args.gap)  # the engine goes idle between requests, as at concurrency 1
     finally:
+        stop.set()
         llm.shutdown()
     stamps: dict[int, dict[str, float]] = {}
     files = glob.glob(os.path.join(trace_dir, "hops.rank0.*.json"))
@@ -165,6 +171,7 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=4)
     p.add_argument("--gap", type=float, default=0.002, help="seconds between requests (the engine idles)")
+    p.add_argument("--busy", action="store_true", help="a thread in the user's process runs Python meanwhile")
     p.add_argument("--consumer", choices=("sync", "asyncio"), default="sync")
     p.add_argument("--tree", action="append", default=None, help="a source tree to run (repeatable)")
     p.add_argument("--rounds", type=int, default=1)
@@ -175,12 +182,14 @@ def main() -> int:
         print("HOPS " + json.dumps(run_child(args)), flush=True)
         return 0
     trees = args.tree or [str(Path(__file__).resolve().parent.parent)]
-    names = [Path(t).name for t in trees]
+    names = [Path(t).resolve().name for t in trees]
+    if len(set(names)) < len(names):
+        names = [str(Path(t).resolve()) for t in trees]
     by_tree: dict[str, list[dict]] = {n: [] for n in names}
     child_argv = [a for a in sys.argv[1:] if a not in trees and a != "--tree"]
     for rnd in range(args.rounds):
         for tree, name in zip(trees, names, strict=True):
-            env = {**os.environ, "PYTHONPATH": tree}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)}
             proc = subprocess.run([sys.executable, __file__, *child_argv, "--child"], env=env, capture_output=True,
                                   text=True, timeout=1200)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("HOPS ")), None)
@@ -194,6 +203,7 @@ def main() -> int:
             by_tree[name].append(run)
             print(f"round {rnd + 1} {name}: {len(run['stamps'])} requests", file=sys.stderr, flush=True)
     print(f"{args.requests} requests x {args.rounds} round(s) per tree, concurrency 1, {args.consumer} consumer, "
+          f"{'a busy Python thread in the proxy, ' if args.busy else ''}"
           f"{args.input_len} in / {args.output_len} out, model {args.model}; ms\n")
     print(report(by_tree))
     if args.json:

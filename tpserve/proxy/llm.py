@@ -31,6 +31,7 @@ from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import phase_timer, trace
 
 Prompt = str | list[int]
+PROXY_SWITCH_INTERVAL_S = 0.0002  # unless the user chose a shorter one
 IPC_PATH_MAX = 100  # ipc:// + a Unix socket path (108 bytes on Linux, 104 on macOS, with its NUL)
 ATTACH_TIMEOUT_S = 10.0  # the most LLM(connect=...) waits for the engine behind the file to answer
 
@@ -48,6 +49,11 @@ class LLM:
     def __init__(self, model: str | None = None, *, connect: str | None = None, startup_timeout: float = 300.0,
                  **engine_options: Any) -> None:
         started = time.perf_counter()
+        if sys.getswitchinterval() > PROXY_SWITCH_INTERVAL_S:
+            # The dispatch thread hands each output to the user: woken by the socket, it waits for the GIL
+            # behind whatever else runs Python here (a server's event loop, the user's threads), up to the
+            # switch interval, 5 ms by default. Only contended hand-offs pay for a shorter one.
+            sys.setswitchinterval(PROXY_SWITCH_INTERVAL_S)
         engine = EngineArgs.from_kwargs({"model": model, **engine_options}, "LLM()")
         if connect is not None:  # the attached engine runs with the options it was started with
             given = [f.name for f in dataclasses.fields(engine) if getattr(engine, f.name) != f.default]
