@@ -74,6 +74,9 @@ def run_child(args: argparse.Namespace) -> dict:
     """Runs the engine in this process's tree and returns every request's stamps."""
     trace_dir = tempfile.mkdtemp(prefix="tpserve-hops-")
     os.environ["TPSERVE_HOP_TRACE"] = trace_dir  # before tpserve is imported: its modules read it once
+    # On a small CPU host, torch's OpenMP threads spin after each op and take the cores the hand-offs need;
+    # the hops, not the model, are measured here (a GPU host runs its model on the GPU).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import tpserve
     from tpserve import LLM, SamplingParams, hop_trace
 

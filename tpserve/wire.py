@@ -347,8 +347,15 @@ def build(kind: Any, body: Any) -> Message:
     return MESSAGE_TYPES[kind](**values)
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _fields(msg: Message) -> dict[str, Any]:
-    return {f.name: getattr(msg, f.name) for f in fields(msg)}  # shallow: checked values need no copy
+    """Shallow (checked values need no copy); the names once per class (``dataclasses.fields`` is 2x this)."""
+    names = _FIELD_NAMES.get(type(msg))
+    if names is None:
+        names = _FIELD_NAMES[type(msg)] = tuple(f.name for f in fields(msg))
+    return {name: getattr(msg, name) for name in names}
 
 
 def _unpackb(payload: bytes) -> Any:
@@ -538,6 +545,21 @@ def _salvage_request_id(body: bytes) -> int | None:
     return None
 
 
+_NO_LIMITS = BodyLimits()
+_BOUNDS: dict[tuple[BodyLimits, str | None], tuple[dict[str, int], int | None]] = {}
+
+
+def _bounds(limits: BodyLimits, kind: str | None) -> tuple[dict[str, int], int | None]:
+    """``limits.for_kind(kind)`` as msgpack's keyword arguments and the container count, made once per pair
+    (a receiver meets a handful). The dict is shared: callers only read it."""
+    key = (limits, kind if kind in SCHEMAS else None)
+    found = _BOUNDS.get(key)
+    if found is None:
+        bounds = limits.for_kind(key[1])
+        found = _BOUNDS[key] = (bounds, bounds.pop("containers", None))
+    return found
+
+
 class Codec:
     """Signs and checks frames under one key; counts what it drops instead of raising."""
 
@@ -576,8 +598,7 @@ class Codec:
 
     def body(self, env: Envelope, limits: BodyLimits | None = None) -> Frame:
         """Decodes and checks the body of ``env`` within the bounds its kind allows."""
-        bounds = (limits or BodyLimits()).for_kind(env.kind)
-        containers = bounds.pop("containers", None)
+        bounds, containers = _bounds(limits or _NO_LIMITS, env.kind)
         hooks: dict[str, Callable[[Any], Any]] = {}
         if containers is not None:
             built = [0]
