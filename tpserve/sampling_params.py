@@ -129,7 +129,7 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire's plain dict. Shallow (the fields are scalars, a tuple and a dict, each copied below):
+        """The wire's plain dict. Shallow (every field that is not a scalar is replaced below):
         ``dataclasses.asdict`` deep-copies recursively, 2x the time on a request's way to rank 0."""
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["stop_token_ids"] = list(self.stop_token_ids)

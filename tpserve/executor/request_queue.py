@@ -107,16 +107,16 @@ class RequestQueue:
                     if req.Test():
                         return
 
-    def fetch(self, idle: bool) -> list[wire.Message]:
-        """Collective: returns the new items on every rank (see ``_fetch``)."""
-        items = self._fetch(idle)
-        if hop_trace.ENABLED and self.rank == 0:
+    @staticmethod
+    def _taken(items: list[wire.Message]) -> list[wire.Message]:
+        """Rank 0's items as the loop takes them (stamped for ``hop_trace`` when it is on)."""
+        if hop_trace.ENABLED:
             for item in items:
                 if isinstance(item, wire.Submit):
                     hop_trace.stamp(item.request_id, "r_fetched")
         return items
 
-    def _fetch(self, idle: bool) -> list[wire.Message]:
+    def fetch(self, idle: bool) -> list[wire.Message]:
         """Collective: returns the new items on every rank. ``idle`` (the same on every rank) makes rank 0
         block for the next item and the others sleep until it rings.
 
@@ -126,7 +126,7 @@ class RequestQueue:
         rebuilt, so no rank 0 packs them for itself: at TP 1 nothing is packed, and at TP > 1 rank 0 keeps
         its own list while the others unpack its copy (equal values, so every rank admits the same)."""
         if self.comm.Get_size() == 1:
-            return self._drain(block=idle)  # the intake's checked messages as they are: nothing to broadcast
+            return self._taken(self._drain(block=idle))  # the intake's checked messages as they are
         header = self._header
         if self.rank == 0:
             items = self._drain(block=idle)
@@ -147,7 +147,7 @@ class RequestQueue:
         if self.rank == 0:  # its own items: what the others unpack is equal to them (rebuilt, checked values)
             if n > INLINE_BYTES:
                 self.comm.Bcast([bytearray(payload[INLINE_BYTES:]), MPI.BYTE], root=0)
-            return items
+            return self._taken(items)
         head = header[8:8 + min(n, INLINE_BYTES)].tobytes()
         if n <= INLINE_BYTES:
             return wire.unpack_items(head)
