@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -111,12 +112,17 @@ def test_shutdown_ends_every_in_flight_stream(tmp_path, monkeypatch):
 
 
 def test_drain_lets_pending_requests_finish():
+    """Also: a spawned engine talks over Unix sockets in a directory of its own user's only, gone after."""
     llm = engine()
+    ipc_dir = llm.client.conn.request_addr.removeprefix("ipc://").rsplit("/", 1)[0]
+    assert llm.client.conn.response_addr == f"ipc://{ipc_dir}/responses"
+    assert stat.S_IMODE(os.stat(ipc_dir).st_mode) == 0o700
     streams = [llm.generate_stream([5, 6, i + 1], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
                for i in range(12)]
     llm.shutdown(drain=True, timeout=60)
     assert [s.output.finish_reason for s in streams] == ["length"] * 12
     assert all(len(s.output.token_ids) == 30 for s in streams)
+    assert not os.path.exists(ipc_dir)
 
 
 PROXY_SCRIPT = textwrap.dedent("""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tpserve.structured_outputs import StructuredOutputs
@@ -129,7 +129,9 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The wire's plain dict. Shallow (every field that is not a scalar is replaced below):
+        ``dataclasses.asdict`` deep-copies recursively, 2x the time on a request's way to rank 0."""
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["stop_token_ids"] = list(self.stop_token_ids)
         # The wire holds flat lists only (and string keys): the bias travels as two lists.
         bias = d.pop("logit_bias") or {}

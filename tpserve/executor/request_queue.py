@@ -10,7 +10,7 @@ import numpy as np
 import zmq
 from mpi4py import MPI
 
-from tpserve import wire
+from tpserve import hop_trace, wire
 
 DOORBELL_FALLBACK_MS = 50  # an idle rank re-checks the broadcast this often even if a doorbell is lost
 DOORBELL_SETUP_S = 5.0
@@ -107,19 +107,30 @@ class RequestQueue:
                     if req.Test():
                         return
 
+    @staticmethod
+    def _taken(items: list[wire.Message]) -> list[wire.Message]:
+        """Rank 0's items as the loop takes them (stamped for ``hop_trace`` when it is on)."""
+        if hop_trace.ENABLED:
+            for item in items:
+                if isinstance(item, wire.Submit):
+                    hop_trace.stamp(item.request_id, "r_fetched")
+        return items
+
     def fetch(self, idle: bool) -> list[wire.Message]:
         """Collective: returns the new items on every rank. ``idle`` (the same on every rank) makes rank 0
         block for the next item and the others sleep until it rings.
 
         One broadcast per iteration: a fixed-size header carries the payload's length and, when it fits,
         the payload itself (a steady decode step brings nothing new, most arrivals are small); only a
-        larger payload costs a second broadcast of the rest."""
-        multi = self.comm.Get_size() > 1
+        larger payload costs a second broadcast of the rest. The intake's messages are already checked and
+        rebuilt, so no rank 0 packs them for itself: at TP 1 nothing is packed, and at TP > 1 rank 0 keeps
+        its own list while the others unpack its copy (equal values, so every rank admits the same)."""
+        if self.comm.Get_size() == 1:
+            return self._taken(self._drain(block=idle))  # the intake's checked messages as they are
         header = self._header
         if self.rank == 0:
-            payload = wire.pack_items(self._drain(block=idle))
-            if not multi:
-                return wire.unpack_items(payload)
+            items = self._drain(block=idle)
+            payload = wire.pack_items(items)
             inline = min(len(payload), INLINE_BYTES)
             header[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), dtype=np.uint8)
             header[8:8 + inline] = np.frombuffer(payload, dtype=np.uint8, count=inline)
@@ -133,10 +144,10 @@ class RequestQueue:
         else:
             self.comm.Bcast(header, root=0)
         n = int.from_bytes(header[:8].tobytes(), "little")
-        if self.rank == 0:
+        if self.rank == 0:  # its own items: what the others unpack is equal to them (rebuilt, checked values)
             if n > INLINE_BYTES:
                 self.comm.Bcast([bytearray(payload[INLINE_BYTES:]), MPI.BYTE], root=0)
-            return wire.unpack_items(payload)
+            return self._taken(items)
         head = header[8:8 + min(n, INLINE_BYTES)].tobytes()
         if n <= INLINE_BYTES:
             return wire.unpack_items(head)

@@ -10,7 +10,7 @@ import time
 
 import zmq
 
-from tpserve import wire
+from tpserve import hop_trace, wire
 from tpserve.errors import EngineBusyError, EngineDeadError, WorkerStartupError
 from tpserve.proxy.launcher import WorkerProcess
 from tpserve.proxy.streams import RequestStream
@@ -184,11 +184,16 @@ class EngineClient:
                 next_heartbeat = now + wire.HEARTBEAT_S
             self._retry_aborts()
             if self.pull.poll(POLL_MS):
+                woke = time.time()
                 msg = self._receive()
                 if msg is not None:
                     last_heard = time.monotonic()  # only this session's frames, signed and in order
                 if isinstance(msg, wire.Outputs):
+                    if hop_trace.ENABLED:
+                        _stamp_firsts(msg.deltas, "p_woke", woke)
                     self._route(msg.deltas)
+                    if hop_trace.ENABLED:
+                        _stamp_firsts(msg.deltas, "p_routed")
                     if msg.stats:
                         self.stats = msg.stats
                 elif isinstance(msg, wire.EngineDead):
@@ -263,6 +268,13 @@ class EngineClient:
         self.ctx.term()
         trace("proxy", "sockets_closed", dropped_frames=self.codec.dropped, old_frames=self.inbound.old,
               foreign_frames=self.foreign, unrouted=self.unrouted)
+
+
+def _stamp_firsts(deltas: list[dict], hop: str, t: float | None = None) -> None:
+    """Hop stamps of the deltas that carry a first token (their metrics have its publish time)."""
+    for d in deltas:
+        if "first_token_published" in d["metrics"]:
+            hop_trace.stamp(d["request_id"], hop, t)
 
 
 RANK_DIED = re.compile(

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from typing import Any
 import psutil
 from tqdm import tqdm
 
-from tpserve import stacks, wire
+from tpserve import hop_trace, stacks, wire
 from tpserve.engine_args import EngineArgs
 from tpserve.errors import EngineDeadError, WorkerStartupError
 from tpserve.model_path import resolve_model
@@ -30,6 +31,8 @@ from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import phase_timer, trace
 
 Prompt = str | list[int]
+PROXY_SWITCH_INTERVAL_S = 0.0002  # unless the user chose a shorter one
+IPC_PATH_MAX = 100  # ipc:// + a Unix socket path (108 bytes on Linux, 104 on macOS, with its NUL)
 ATTACH_TIMEOUT_S = 10.0  # the most LLM(connect=...) waits for the engine behind the file to answer
 
 
@@ -46,6 +49,11 @@ class LLM:
     def __init__(self, model: str | None = None, *, connect: str | None = None, startup_timeout: float = 300.0,
                  **engine_options: Any) -> None:
         started = time.perf_counter()
+        if sys.getswitchinterval() > PROXY_SWITCH_INTERVAL_S:
+            # The dispatch thread hands each output to the user: woken by the socket, it waits for the GIL
+            # behind whatever else runs Python here (a server's event loop, the user's threads), up to the
+            # switch interval, 5 ms by default. Only contended hand-offs pay for a shorter one.
+            sys.setswitchinterval(PROXY_SWITCH_INTERVAL_S)
         engine = EngineArgs.from_kwargs({"model": model, **engine_options}, "LLM()")
         if connect is not None:  # the attached engine runs with the options it was started with
             given = [f.name for f in dataclasses.fields(engine) if getattr(engine, f.name) != f.default]
@@ -60,6 +68,7 @@ class LLM:
         self._shutdown_lock = threading.Lock()
         self._force = threading.Event()
         self.workers: WorkerProcess | None = None
+        self._ipc_dir: str | None = None
         trace("proxy", "start", connect=connect or "", tp=engine.tensor_parallel_size)
         stacks.install()  # `tpserve stacks PID` dumps this process too, and finds its engine through the note
         if connect is not None:
@@ -68,9 +77,14 @@ class LLM:
             self.client = EngineClient(wire.ConnectionInfo.read(connect), bind=False, workers=None)
         else:
             key = wire.new_key()
-            self.client = EngineClient(
-                wire.ConnectionInfo("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", key), bind=True, workers=None
-            )
+            # Rank 0 runs on this host (the sockets bind the loopback): Unix sockets in a directory only this
+            # user can enter. A hop over them costs ~60% of one over TCP loopback (docs/benchmarks.md), and no
+            # other local user can even connect (over TCP they could, and only the HMAC kept them out).
+            self._ipc_dir = tempfile.mkdtemp(prefix="tpserve-ipc-")
+            addrs = (f"ipc://{self._ipc_dir}/requests", f"ipc://{self._ipc_dir}/responses")
+            if len(addrs[1]) > IPC_PATH_MAX:  # a long TMPDIR: a Unix socket's path has a small limit
+                addrs = ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+            self.client = EngineClient(wire.ConnectionInfo(*addrs, key), bind=True, workers=None)
             env = mpi_environment(engine.tensor_parallel_size)
             env[wire.ENV_KEY] = key.hex()  # never argv: other users can read a process's arguments
             env[wire.ENV_REQUEST_ADDR] = self.client.conn.request_addr
@@ -135,6 +149,9 @@ class LLM:
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         rs = RequestStream(out, detok, self.abort, stream)
         self.client.submit(rs, wire.Submit(rid, ids, params.to_dict(), stream, out.metrics.arrival_proxy))
+        if hop_trace.ENABLED:
+            hop_trace.stamp(rid, "p_submit", out.metrics.arrival_proxy)
+            hop_trace.stamp(rid, "p_sent")
         return rs
 
     def generate(
@@ -269,6 +286,8 @@ class LLM:
             exited = self._wait(lambda: self.workers.poll() is not None, 10.0)
             trace("proxy", "wait_workers", outcome="exited" if exited else "timeout", code=self.workers.poll())
         self.client.close()
+        if self._ipc_dir is not None:  # the socket files go with the sockets
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
         if self.workers is not None:
             code = self.workers.stop()
             trace("proxy", "mpirun_reaped", code=code)

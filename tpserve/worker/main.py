@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import signal
 import sys
@@ -148,6 +149,10 @@ def _remove_connection_file(io, path: str | None) -> None:
 def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> int:
     """Runs the executor loop on a thread until the sentinel, then tears down in a fixed order."""
     rank = comm.Get_rank()
+    # What start-up built (the model's modules and tensors, kernels, graphs) lives as long as the process:
+    # out of the collector's sight, so a full collection on the loop thread costs the loop's own garbage only.
+    gc.collect()
+    gc.freeze()
     if io is not None:
         ready = wire.Ready(info)
         io.stats = executor.stats

@@ -27,18 +27,23 @@ class Publisher:
     def __call__(self, deltas: list[RequestDelta]) -> None:
         if self.io is None:
             return
-        stats = self._stats_to_send()
+        # A first token leaves alone: the stats wait for the iteration's next publish (microseconds later),
+        # so building and encoding them is not on a request's time to its first token.
+        stats = None if any(d.first for d in deltas) else self._stats_to_send()
         if deltas or stats:
             self.io.send(wire.Outputs([d.to_dict() for d in deltas], stats))
 
     def _stats_to_send(self) -> dict[str, Any] | None:
-        """The stats when running/waiting/shutting down/free blocks changed, or every 0.25 s; else None."""
-        if self.executor is None:
+        """The stats when running/waiting/shutting down/free blocks changed, or every 0.25 s; else None.
+        Two publishes an iteration: the change is judged from four numbers, and the whole dict (a dozen
+        reads and a dict, on the loop thread) is built only when it is sent."""
+        ex = self.executor
+        if ex is None:
             return None
-        stats = self.executor.stats()
-        key = (stats["running"], stats["waiting"], stats["shutting_down"], stats["num_free_blocks"])
+        sched = ex.scheduler
+        key = (len(sched.running), len(sched.waiting), ex.shutting_down, sched.blocks.num_free_blocks)
         now = time.monotonic()
         if key == self._last_key and now - self._last_sent < STATS_EVERY_S:
             return None
         self._last_key, self._last_sent = key, now
-        return stats
+        return ex.stats()

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import zmq
 
-from tpserve import wire
+from tpserve import hop_trace, wire
 from tpserve.executor.request_queue import RequestQueue
 from tpserve.sampling_params import SamplingParams
 from tpserve.shutdown_trace import Watchdog, phase_timer, trace
@@ -103,6 +103,7 @@ class Rank0IO:
         self.stop_sending = threading.Event()
         self.proxy_lost = False
         self.exit_watch: Watchdog | None = None
+        self.frame_time = 0.0  # when the intake took the frame it is handling (hop_trace)
         self.poller = zmq.Poller()
         self.poller.register(self.inp, zmq.POLLIN)
         self.owner = None if bind else owner_pidfd()
@@ -173,6 +174,8 @@ class Rank0IO:
                 return False
         s.sent += 1
         self.counts["sent_at_once"] += 1
+        if hop_trace.ENABLED:
+            _stamp_firsts(msg, "r_sent")
         return True
 
     def _enqueue(self, dest: bytes | None, msg: wire.Message) -> None:
@@ -228,6 +231,7 @@ class Rank0IO:
             if self.inp in ready:
                 in_a_row += 1
                 frames = self.inp.recv_multipart()
+                self.frame_time = time.time()
                 try:
                     self._on_frames(frames)
                 except Exception as e:  # noqa: BLE001 - one frame must not stop the intake
@@ -361,6 +365,8 @@ class Rank0IO:
                 self._reply_error(s, msg.request_id, f"duplicate request id {msg.request_id}: a request of that "
                                                      "id is still running")
                 return
+            if hop_trace.ENABLED:
+                hop_trace.stamp(msg.request_id, "r_recv", self.frame_time)
             self.requests.put(wire.Submit(msg.request_id, msg.prompt_token_ids, params, msg.stream,
                                           msg.arrival_time, time.time()))
         elif isinstance(msg, wire.Abort):
@@ -432,6 +438,8 @@ class Rank0IO:
                 with self.socket_lock:
                     self.out.send_multipart(frames)  # waits SEND_SLICE_MS at most
                 s.sent += 1
+                if hop_trace.ENABLED:
+                    _stamp_firsts(msg, "r_sent_by_sender")
                 return
             except zmq.ZMQError as e:  # Again: the proxy is not reading; EHOSTUNREACH: not connected
                 if self.session is not s or self.stop_sending.is_set():
@@ -476,3 +484,12 @@ class Rank0IO:
             if self.session is not None:
                 self._end(self.session)
         trace("worker", "sockets_closed", dropped_frames=self.codec.dropped, **self.counts)
+        hop_trace.dump("rank0")
+
+
+def _stamp_firsts(msg: wire.Message, hop: str) -> None:
+    """Hop stamps of the deltas of ``msg`` that carry a first token (their metrics have its publish time)."""
+    if isinstance(msg, wire.Outputs):
+        for d in msg.deltas:
+            if "first_token_published" in d["metrics"]:
+                hop_trace.stamp(d["request_id"], hop)
