@@ -26,7 +26,7 @@ for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
   sampler)
-    timeout 200 python3 scripts/gpu_sampler.py --out "$OUT/sampler.md" 2>&1 | grep -v Loading | tail -30
+    timeout ${SAMPLER_TIMEOUT-200} python3 scripts/gpu_sampler.py --out "$OUT/sampler.md" 2>&1 | grep -v Loading | tail -30
     rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "gpu_sampler.py failed ($rc): TPSERVE_TORCH_SAMPLER=1 from here"; export TPSERVE_TORCH_SAMPLER=1; } ;;
   profile)
     timeout 240 python3 scripts/host_profile.py --model /tmp/m/qwen3 --batch 1,32,256 --iterations 200 2>&1 \
