@@ -34,7 +34,7 @@ for stage in "$@"; do
     [ -n "${PROFILE_SMOL-1}" ] && timeout 120 python3 scripts/host_profile.py --model /tmp/m/smol --batch 1 \
       --iterations 200 2>&1 | grep -v Loading | tee "$OUT/profile_smol.txt" | tail -3 ;;
   latency)
-    for m in qwen3 smol; do
+    for m in ${LATENCY_MODELS-qwen3 smol}; do
       timeout 200 python3 -m tpserve.cli bench latency --model /tmp/m/$m --label gpu-$m --json "$OUT/lat_$m.json" \
         --modes overlap+early --concurrency 1,32 --rounds 1 --output-len 128 2>&1 | grep -v Loading | tail -4
     done
