@@ -7,9 +7,10 @@
 #            (TPSERVE_TORCH_SAMPLER=1), so the run still measures the rest
 #   profile  scripts/host_profile.py: host time per steady decode iteration by part, batch 1, 32, 256 (Qwen3-0.6B
 #            shape) and 1 (SmolLM2 shape)
-#   latency  tpserve bench latency, overlap+early, concurrency 1 and 32, 128 in / 128 out, both shapes; then
-#            Qwen3 at concurrency 32 sampled (temperature 0.8, top-p 0.9, a seed per request) beside greedy
-#            (LATENCY_TEMPERATURES="" skips that pair)
+#   latency  tpserve bench latency, overlap+early, concurrency 1 and 32, 128 in / 128 out, both shapes
+#            (LATENCY_MODELS picks)
+#   sampling tpserve bench latency, Qwen3 at concurrency 32 sampled (temperature 0.8, top-p 0.9, a seed per
+#            request) beside greedy
 #   serve    tpserve serve with default options + tpserve bench serve, Qwen3-0.6B shape, random 512 in / 128 out,
 #            500 prompts, all at once and at 16 req/s (measure.sh B's workload without its --max-batch-size)
 #   hops     scripts/hop_profile.py, Qwen3-0.6B shape: each hand-off of a first token at concurrency 1 (p50/p90)
@@ -37,8 +38,9 @@ for stage in "$@"; do
     for m in ${LATENCY_MODELS-qwen3 smol}; do
       timeout 200 python3 -m tpserve.cli bench latency --model /tmp/m/$m --label gpu-$m --json "$OUT/lat_$m.json" \
         --modes overlap+early --concurrency 1,32 --rounds 1 --output-len 128 2>&1 | grep -v Loading | tail -4
-    done
-    for t in ${LATENCY_TEMPERATURES-0 0.8}; do
+    done ;;
+  sampling)
+    for t in 0 0.8; do
       timeout 200 python3 -m tpserve.cli bench latency --model /tmp/m/qwen3 --label gpu-qwen3-t$t \
         --json "$OUT/lat_qwen3_t$t.json" --modes overlap+early --concurrency 32 --rounds 1 --output-len 128 \
         --temperature $t --top-p 0.9 2>&1 | grep -v Loading | tail -3
