@@ -309,3 +309,88 @@ def test_a_request_whose_table_outgrows_its_row_fails_alone(mode: str) -> None:
         tokens = [t for d in published if d.request_id == rid for t in d.token_ids]
         assert (tokens, ends[rid].finish_reason) == reference(prompt, params, (EOS,))
     assert not executor.requests and blocks.num_free_blocks == 39
+
+
+class OutOfMemoryRunner(FakeRunner):
+    """Runs out of device memory at its ``fail_at``-th forward (what the caching allocator raises)."""
+
+    def __init__(self, blocks: BlockManager, fail_at: int) -> None:
+        super().__init__(blocks)
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def forward(self, batch, prev_tokens=None, prev_rows=None):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(batch, prev_tokens, prev_rows)
+
+
+@pytest.mark.parametrize("mode", ["plain", "overlap", "overlap+early"])
+def test_a_step_out_of_memory_ends_its_requests_and_the_engine_serves_on(mode: str) -> None:
+    config = ExecutorConfig(VOCAB, MAX_SEQ_LEN, (EOS,), enable_overlap=mode != "plain",
+                            early_first_token=mode == "overlap+early", recover_oom=True)
+    published: list[RequestDelta] = []
+    blocks = BlockManager(40, 4, max_seqs=4, max_blocks_per_seq=12)
+    executor = Executor(config, FakeQueue(), Scheduler(blocks, 4, 16), OutOfMemoryRunner(blocks, fail_at=3),
+                        Sampler(torch.device("cpu"), 0), published.extend, torch.device("cpu"))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    executor.queue.items += [wire.Submit(1, [1, 2, 3], params.to_dict()), wire.Submit(2, [4, 5], params.to_dict())]
+    for _ in range(4):
+        executor.step()
+    executor.queue.items.append(wire.Submit(3, [6, 7, 8], params.to_dict()))
+    for _ in range(20):
+        executor.step()
+    ends = {d.request_id: d for d in published if d.finished}
+    for rid in (1, 2):  # both were in the third step
+        assert ends[rid].finish_reason == "error" and "out of memory in the forward" in ends[rid].error
+    tokens = [t for d in published if d.request_id == 3 for t in d.token_ids]
+    assert (tokens, ends[3].finish_reason) == reference([6, 7, 8], params, (EOS,))
+    assert not executor.requests and blocks.num_free_blocks == 39
+
+
+def test_out_of_memory_ends_the_engine_where_ranks_could_not_agree() -> None:
+    config = ExecutorConfig(VOCAB, MAX_SEQ_LEN, (EOS,), recover_oom=False)
+    blocks = BlockManager(40, 4)
+    executor = Executor(config, FakeQueue(), Scheduler(blocks, 4, 16), OutOfMemoryRunner(blocks, fail_at=1),
+                        Sampler(torch.device("cpu"), 0), lambda deltas: None, torch.device("cpu"))
+    executor.queue.items.append(wire.Submit(1, [1, 2, 3], SamplingParams(max_tokens=2).to_dict()))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        executor.step()
+
+
+class OutOfMemorySampler(Sampler):
+    """Runs out of device memory at its ``fail_at``-th sampling launch."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(torch.device("cpu"), 0)
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def sample(self, logits, requests):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return super().sample(logits, requests)
+
+
+@pytest.mark.parametrize("mode", ["plain", "overlap", "overlap+early"])
+def test_sampling_out_of_memory_ends_its_requests_and_the_engine_serves_on(mode: str) -> None:
+    config = ExecutorConfig(VOCAB, MAX_SEQ_LEN, (EOS,), enable_overlap=mode != "plain",
+                            early_first_token=mode == "overlap+early", recover_oom=True)
+    published: list[RequestDelta] = []
+    blocks = BlockManager(40, 4)
+    executor = Executor(config, FakeQueue(), Scheduler(blocks, 4, 16), FakeRunner(blocks), OutOfMemorySampler(2),
+                        published.extend, torch.device("cpu"))
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    executor.queue.items.append(wire.Submit(1, [1, 2, 3], params.to_dict()))
+    for _ in range(3):
+        executor.step()
+    executor.queue.items.append(wire.Submit(2, [4, 5], params.to_dict()))
+    for _ in range(20):
+        executor.step()
+    ends = {d.request_id: d for d in published if d.finished}
+    assert ends[1].finish_reason == "error" and "out of memory in the sampling" in ends[1].error
+    tokens = [t for d in published if d.request_id == 2 for t in d.token_ids]
+    assert (tokens, ends[2].finish_reason) == reference([4, 5], params, (EOS,))
+    assert not executor.requests and blocks.num_free_blocks == 39

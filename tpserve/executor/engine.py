@@ -279,6 +279,7 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
         stream_interval=args.stream_interval,
         enable_overlap=args.enable_overlap,
         early_first_token=args.early_first_token,
+        recover_oom=size == 1,
     )
     executor = Executor(
         ex_config,

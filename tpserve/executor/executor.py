@@ -51,6 +51,10 @@ class ExecutorConfig:
     stream_interval: int = 1
     enable_overlap: bool = True
     early_first_token: bool = True
+    # A CUDA out-of-memory error while launching a step ends that step's requests (with the reason) and the
+    # engine serves on. Only where every rank can take that path alike: one rank (a rank that skips a step's
+    # collectives while its peers enter them would hang them); elsewhere the error ends the engine.
+    recover_oom: bool = False
 
 
 @dataclass
@@ -162,8 +166,9 @@ class Executor:
         }
 
     def _step_plain(self, batch: ScheduledBatch) -> None:
-        if batch:
-            current = self._launch_sampling(batch, self._launch_forward(batch, None))
+        logits = self._launch_forward(batch, None) if batch else None
+        current = self._launch_sampling(batch, logits) if logits is not None else None
+        if current is not None:
             self._update(current)
             self._collect(current)
         self._flush()
@@ -305,11 +310,44 @@ class Executor:
 
     # -- steps -----------------------------------------------------------------------------------------
 
-    def _launch_forward(self, batch: ScheduledBatch, prev: InFlight | None) -> torch.Tensor:
+    def _launch_forward(self, batch: ScheduledBatch, prev: InFlight | None) -> torch.Tensor | None:
+        """The step's logits, or None when it ran out of memory and its requests were ended (``recover_oom``)."""
         self._log("forward")
-        return self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
+        try:
+            return self.runner.forward(batch, prev.tokens if prev else None, prev.rows if prev else None)
+        except torch.cuda.OutOfMemoryError as e:
+            self._out_of_memory(batch, "forward", e)
+            return None
 
-    def _launch_sampling(self, batch: ScheduledBatch, logits: torch.Tensor) -> InFlight:
+    def _launch_sampling(self, batch: ScheduledBatch, logits: torch.Tensor) -> InFlight | None:
+        """The step's sampling in flight, or None when it ran out of memory (``recover_oom``)."""
+        try:
+            return self._sample(batch, logits)
+        except torch.cuda.OutOfMemoryError as e:
+            self._out_of_memory(batch, "sampling", e)
+            return None
+
+    def _out_of_memory(self, batch: ScheduledBatch, where: str, error: Exception) -> None:
+        """Ends the step's requests with the reason and gives the cached memory back; the next step runs
+        without them. The KV they wrote is theirs alone and is freed with them at the end of the iteration."""
+        if not self.config.recover_oom:
+            raise error
+        tokens = sum(s.num_tokens for s in batch.seqs)
+        why = (f"out of memory in the {where} of a step of {tokens} tokens over {len(batch)} requests; "
+               f"the request ended, the engine serves on: {error}")
+        trace("executor_loop", "out_of_memory", where=where, tokens=tokens, requests=len(batch))
+        for seq in batch.seqs:
+            req = seq.request
+            if not req.ended:
+                req.error = why
+                self._finish(req, "error")
+                delta = self._delta(req)
+                if delta is not None:
+                    self.deltas.append(delta)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> InFlight:
         rows = [i for i, s in enumerate(batch.seqs) if s.samples]
         requests = [batch.seqs[i].request for i in rows]
         pin = self.device.type == "cuda"
