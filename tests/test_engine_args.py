@@ -176,6 +176,7 @@ def test_default_texts_say_what_the_engine_does():
     assert default_max_num_tokens("cpu", 4096) == 4096
     assert shown["max_num_tokens"] == "8192 on GPU, 2048 on CPU, at least max_batch_size"
     assert default_max_batch_size("cuda") == 256 and default_max_batch_size("cpu") == 16
+    assert default_max_batch_size("cuda", max_num_tokens=128) == 128  # a given budget caps the default batch
     assert shown["max_batch_size"].startswith("on GPU 256") and shown["max_batch_size"].endswith("16 on CPU")
     assert fit_batch_to_pool(256, 101, given=False) == 100  # a small pool: one block a running request at least
     assert fit_batch_to_pool(256, 101, given=True) == 256 and fit_batch_to_pool(256, 9000, given=False) == 256

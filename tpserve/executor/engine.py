@@ -62,10 +62,12 @@ GPU_MAX_BATCH_SIZE = 256  # vLLM's max_num_seqs: a GPU step of 256 decodes still
 CPU_MAX_BATCH_SIZE = 16
 
 
-def default_max_batch_size(device_type: str) -> int:
+def default_max_batch_size(device_type: str, max_num_tokens: int | None = None) -> int:
     """Running requests at once unless the user says: on a GPU as many as vLLM runs (the pool may lower it
-    once sized: ``fit_batch_to_pool``), on a CPU, where every row costs compute, 16."""
-    return GPU_MAX_BATCH_SIZE if device_type == "cuda" else CPU_MAX_BATCH_SIZE
+    once sized: ``fit_batch_to_pool``), on a CPU, where every row costs compute, 16; never more than a step's
+    token budget when one is given (a step holds one token of every running request)."""
+    size = GPU_MAX_BATCH_SIZE if device_type == "cuda" else CPU_MAX_BATCH_SIZE
+    return min(size, max_num_tokens) if max_num_tokens else size
 
 
 def fit_batch_to_pool(max_batch_size: int, num_blocks: int, given: bool) -> int:
@@ -228,7 +230,8 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     dtype = timed_stage("pick_dtype", lambda: pick_dtype(args.dtype, config.torch_dtype, device))
     max_seq_len = args.max_seq_len or config.max_position_embeddings
     given_batch = args.max_batch_size is not None
-    args = dataclasses.replace(args, max_batch_size=args.max_batch_size or default_max_batch_size(device.type))
+    args = dataclasses.replace(args, max_batch_size=args.max_batch_size or default_max_batch_size(
+        device.type, args.max_num_tokens))
     max_num_tokens = args.max_num_tokens or default_max_num_tokens(device.type, args.max_batch_size)
     max_chunk_tokens = args.max_chunk_tokens or default_max_chunk_tokens(max_num_tokens)
     timed_stage("init_tensor_parallel", lambda: init_tensor_parallel(comm, device))
