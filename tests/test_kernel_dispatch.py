@@ -219,3 +219,15 @@ def test_reachable_variants_hold_every_launch_choice_a_configuration_can_make() 
             assert choice <= graphed, (t, s, key)
             used |= choice
     assert graphed - used <= set(SINGLE), "start-up would compile variants no step uses"
+
+
+def test_a_sampling_kernel_that_does_not_compile_leaves_sampling_to_the_reference(monkeypatch):
+    """warm_up's fallback: once use_torch_sampler is called (the kernel raised a compile error at start-up),
+    the sampler takes the torch reference even where every other kernel is Triton, and the user is told."""
+    monkeypatch.setattr(policy, "backend_for", lambda x: "triton")
+    monkeypatch.setenv(policy.TORCH_SAMPLER_ENV, "0")  # restored after the test, whatever the call sets
+    x = torch.zeros(1)
+    assert policy.sampler_backend(x) == "triton"
+    warning = policy.use_torch_sampler("OutOfResources: shared memory")
+    assert policy.sampler_backend(x) == "torch" and policy.backend_for(x) == "triton"
+    assert "OutOfResources: shared memory" in warning and "torch reference" in warning

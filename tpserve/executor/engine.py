@@ -173,9 +173,10 @@ def profile_forward(model: Any, config: Any, tp_size: int, block_size: int, num_
 
 
 def warm_kernels(model: Any, config: Any, tp_size: int, args: Any, max_num_tokens: int, max_seq_len: int,
-                 graphs: Any, device: Any, dtype: Any) -> set:
+                 graphs: Any, device: Any, dtype: Any) -> tuple[set, list[str]]:
     """Compiles (or loads from Triton's disk cache) every kernel variant a step can use: those of any eager
-    step, and those of the graphs when there are graphs (a step that scores its prompt runs eagerly)."""
+    step, and those of the graphs when there are graphs (a step that scores its prompt runs eagerly).
+    Returns the variants and warnings for the user (``variants.warm_up``)."""
     from tpserve.kernels.policy import num_sms
     from tpserve.kernels.variants import KernelConfig, reachable_eager, reachable_graphed, warm_up
 
@@ -189,8 +190,7 @@ def warm_kernels(model: Any, config: Any, tp_size: int, args: Any, max_num_token
         num_sms=num_sms(device.index or 0),
     )
     variants = reachable_eager(cfg) | (reachable_graphed(cfg, graphs.keys) if graphs is not None else set())
-    warm_up(model, cfg, variants, device, dtype)
-    return variants
+    return variants, warm_up(model, cfg, variants, device, dtype)
 
 
 def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> tuple[Any, dict[str, Any]]:
@@ -266,8 +266,12 @@ def build_engine(args: Any, comm: MPI.Comm, publish: Callable[[list], None]) -> 
     if fused:
         if not args.enforce_eager:
             graphs = CudaGraphs(model, kv, blocks, args.max_batch_size, max_num_tokens, max_seq_len, device)
-        variants = timed_stage("warm_kernels", lambda: warm_kernels(model, config, size, args, max_num_tokens,
-                                                                    max_seq_len, graphs, device, dtype))
+        variants, kernel_warnings = timed_stage("warm_kernels", lambda: warm_kernels(
+            model, config, size, args, max_num_tokens, max_seq_len, graphs, device, dtype))
+        warnings += kernel_warnings
+        if rank == 0:
+            for w in kernel_warnings:
+                print(f"tpserve: warning: {w}", file=sys.stderr, flush=True)
     graph_memory = 0
     if graphs is not None:
         start = time.perf_counter()

@@ -25,6 +25,13 @@ def sampler_backend(x: torch.Tensor) -> str:
     return "torch" if os.environ.get(TORCH_SAMPLER_ENV, "0") == "1" else backend_for(x)
 
 
+def use_torch_sampler(reason: str) -> str:
+    """From now on this process samples with the torch reference (the same math and noise: the same tokens);
+    returns the warning for the user. For a sampling kernel that does not compile on this device."""
+    os.environ[TORCH_SAMPLER_ENV] = "1"
+    return f"the sampling kernel did not compile on this device ({reason}): sampling runs the torch reference"
+
+
 DECODE_BLOCK_N = 64
 """Keys per tile in the decode kernel; also the unit the split-KV work is divided in."""
 

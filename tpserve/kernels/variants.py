@@ -22,6 +22,7 @@ from tpserve.kernels.policy import (
     next_power_of_2,
     num_kv_splits,
     sampler_backend,
+    use_torch_sampler,
     varlen_block_m,
 )
 
@@ -86,9 +87,15 @@ def reachable_eager(cfg: KernelConfig) -> set[Variant]:
 
 
 def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], device: torch.device,
-            dtype: torch.dtype) -> None:
+            dtype: torch.dtype) -> list[str]:
     """Launches every variant once on inputs shaped like the model's own (the same strides, so the same
-    specialization), over a throw-away two-block cache. Only on the Triton path."""
+    specialization), over a throw-away two-block cache. Only on the Triton path. Returns warnings for the
+    user: a sampling kernel that does not compile here leaves sampling to the torch reference, the only kernel
+    with such a fallback (its tokens are the reference's; the other kernels have no second path worth serving
+    on)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
     from tpserve.kernels import attention, fused, sampling
     from tpserve.kernels.reference import SAMPLE_PARAMS
 
@@ -104,6 +111,7 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
     qsl = torch.tensor([0, 1], dtype=torch.int32, device=device)
     tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
     q_rot = torch.zeros(1, cfg.num_q_heads, attn.head_dim, device=device, dtype=dtype)  # as the store returns it
+    warnings: list[str] = []
     for kernel, choice in sorted(variants):
         if kernel == "qk_norm_rope_store":
             q_norm = attn.q_norm.weight if attn.q_norm is not None else None
@@ -118,8 +126,12 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
             fused.silu_and_mul(layer.mlp.gate_up_proj(hidden))
         elif kernel == "sample" and sampler_backend(hidden) == "triton":  # float32 logits, and the model's dtype
             params = torch.zeros(1, SAMPLE_PARAMS, dtype=torch.int32, device=device)
-            for logits_dtype in {torch.float32, dtype}:
-                sampling.sample(torch.zeros(1, model.config.vocab_size, device=device, dtype=logits_dtype), params)
+            try:
+                for logits_dtype in {torch.float32, dtype}:
+                    sampling.sample(torch.zeros(1, model.config.vocab_size, device=device, dtype=logits_dtype),
+                                    params)
+            except (CompilationError, OutOfResources) as e:  # before any launch: the device is unharmed
+                warnings.append(use_torch_sampler(f"{type(e).__name__}: {str(e)[:200]}"))
         elif kernel in ("varlen", "mixed_varlen"):
             decodes = zero if kernel == "mixed_varlen" else None
             attention.varlen_attention(q_rot, k_cache, v_cache, qsl, one, tables, attn.attn.scale, block_m=choice,
@@ -130,6 +142,7 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
                                        num_decodes=decodes)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return warnings
 
 
 class CompileCounter:
