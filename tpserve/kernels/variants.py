@@ -94,7 +94,7 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
     with such a fallback (its tokens are the reference's; the other kernels have no second path worth serving
     on)."""
     from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     from tpserve.kernels import attention, fused, sampling
     from tpserve.kernels.reference import SAMPLE_PARAMS
@@ -130,7 +130,7 @@ def warm_up(model: torch.nn.Module, cfg: KernelConfig, variants: set[Variant], d
                 for logits_dtype in {torch.float32, dtype}:
                     sampling.sample(torch.zeros(1, model.config.vocab_size, device=device, dtype=logits_dtype),
                                     params)
-            except (CompilationError, OutOfResources) as e:  # before any launch: the device is unharmed
+            except (CompilationError, OutOfResources, PTXASError) as e:  # before any launch: the device is unharmed
                 warnings.append(use_torch_sampler(f"{type(e).__name__}: {str(e)[:200]}"))
         elif kernel in ("varlen", "mixed_varlen"):
             decodes = zero if kernel == "mixed_varlen" else None
