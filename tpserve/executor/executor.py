@@ -274,16 +274,14 @@ class Executor:
         for req in ready:
             self.scheduler.add(req)
         for req, why in failed:
-            req.error = why
-            self._end_now(req, "error")
+            self._end_now(req, "error", why)
 
     def _fail_unschedulable(self) -> None:
         """Ends the requests the scheduler could not place (a block table longer than its row), each with its
         reason: the step goes on without them."""
         failed, self.scheduler.failed = self.scheduler.failed, []
         for req, why in failed:
-            req.error = why
-            self._end_now(req, "error")
+            self._end_now(req, "error", why)
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -337,13 +335,8 @@ class Executor:
                f"the request ended, the engine serves on: {error}")
         trace("executor_loop", "out_of_memory", where=where, tokens=tokens, requests=len(batch))
         for seq in batch.seqs:
-            req = seq.request
-            if not req.ended:
-                req.error = why
-                self._finish(req, "error")
-                delta = self._delta(req)
-                if delta is not None:
-                    self.deltas.append(delta)
+            if not seq.request.ended:
+                self._end(seq.request, "error", why)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -476,13 +469,20 @@ class Executor:
             self.ended.append(req)
         return delta
 
-    def _end_now(self, req: Request, reason: str) -> None:
-        """Ends a request between steps (abort): its unpublished tokens and its reason, and frees it at once,
-        which is safe here: no batch that is not launched yet holds it."""
+    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Decides a request's end (with ``error`` when it failed) and queues its unpublished tokens and reason;
+        ``_free_ended`` frees it."""
+        if error is not None:
+            req.error = error
         self._finish(req, reason)
         delta = self._delta(req)
         if delta is not None:
             self.deltas.append(delta)
+
+    def _end_now(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Ends a request between steps (abort, failure) and frees it at once, which is safe here: no batch
+        that is not launched yet holds it."""
+        self._end(req, reason, error)
         self._free_ended()
 
     def _free_ended(self) -> None:

@@ -177,9 +177,7 @@ class Scheduler:
             try:
                 n = self._fit(req, want)
             except TableOverflow as e:
-                self.running.remove(req)
-                self._running.discard(req)
-                self.blocks.free(req.request_id)
+                self._stop_running(req)
                 self.failed.append((req, str(e)))
                 return
             if n == want or (n > 0 and want > 1):  # a prefill chunk may shrink to what fits
@@ -222,11 +220,15 @@ class Scheduler:
             self.blocks.cache_blocks(req.request_id, req.prompt_token_ids + req.output_token_ids, known)
             req.num_cached_blocks = known // self.blocks.block_size
 
-    def preempt(self, req: Request) -> None:
-        """Frees a running request's blocks; it waits at the head of the queue to be recomputed."""
+    def _stop_running(self, req: Request) -> None:
+        """Takes a running request out of the list and the set, and frees its blocks."""
         self.running.remove(req)
         self._running.discard(req)
         self.blocks.free(req.request_id)
+
+    def preempt(self, req: Request) -> None:
+        """Frees a running request's blocks; it waits at the head of the queue to be recomputed."""
+        self._stop_running(req)
         req.num_computed = 0
         req.num_cached_blocks = 0
         self.waiting.appendleft(req)
@@ -235,8 +237,6 @@ class Scheduler:
     def remove(self, request: Request) -> None:
         """Frees the request's blocks, whether it was running or waiting."""
         if request in self._running:
-            self.running.remove(request)
-            self._running.discard(request)
-            self.blocks.free(request.request_id)
+            self._stop_running(request)
         elif request in self.waiting:
             self.waiting.remove(request)
