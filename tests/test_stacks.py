@@ -18,6 +18,7 @@ from helpers import ROOT, built_model, kill_session
 
 from tpserve import LLM, SamplingParams
 from tpserve.proxy.launcher import mpi_environment, mpirun_path
+from tpserve.stacks import collect
 
 LONG = SamplingParams(max_tokens=600, temperature=0, ignore_eos=True)
 
@@ -49,6 +50,35 @@ PROXY = textwrap.dedent("""
     print(json.dumps({"tokens": len(stream.result(timeout=300).token_ids)}), flush=True)
     sys.stdin.read()
     llm.shutdown()
+""")
+
+
+# A process whose two threads run Python without pause: faulthandler's C handler, which walks every thread's
+# frames without the GIL, crashed such a process (SIGSEGV) within a few dumps.
+BUSY = textwrap.dedent("""
+    import threading, time
+    from tpserve import stacks
+    stacks.install()
+    def deep(n):
+        return 0 if n == 0 else deep(n - 1) + 1
+    def busy():
+        while True:
+            for d in (5, 50, 200, 400):
+                deep(d)
+    for _ in range(2):
+        threading.Thread(target=busy, daemon=True).start()
+    print("ready", flush=True)
+    time.sleep(120)
+""")
+
+# A process whose main thread holds the GIL in a hung C call (ctypes.PyDLL keeps the GIL across the call).
+HOLDS_GIL = textwrap.dedent("""
+    import ctypes
+    from tpserve import stacks
+    stacks.install()
+    print("ready", flush=True)
+    while True:  # a signal ends sleep(3) early
+        ctypes.PyDLL(None).sleep(120)
 """)
 
 
@@ -108,6 +138,8 @@ def tp2(tmp_path_factory):
     engine = AttachedEngine(tmp, 2, {"TPSERVE_FAULT_HOLD": f"1:{hold}"})
     engine.hold = hold
     try:
+        # The connection file comes before the ranks' loop threads start (a rank may still be collecting).
+        until(lambda: "" if "no executor-loop" in (v := stacks(engine.conn).stdout) else v, 30, "both loop threads")
         yield engine
     finally:
         kill_session(engine.popen)
@@ -125,6 +157,42 @@ def test_a_process_that_takes_no_dumps_is_refused_and_never_signalled():
         sleeper.wait(10)
     result = stacks("/nonexistent/engine.json")
     assert result.returncode == 2 and "no such connection file" in result.stderr, result
+
+
+def started(script: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_dumps_never_crash_a_process_whose_threads_run_python():
+    proc = started(BUSY)
+    try:
+        for i in range(40):
+            _, procs = collect(str(proc.pid), timeout=10)
+            assert proc.poll() is None, f"dump {i} killed the process (exit {proc.returncode})"
+            (p,) = procs
+            assert p.error is None, p.error
+            assert sum(any(f.func in ("busy", "deep") for f in t.frames) for t in p.threads) == 2, p.threads
+            assert not any(t.role == "tpserve-stacks" for t in p.threads), "the dumping thread is not shown"
+    finally:
+        kill_session(proc)
+
+
+def test_a_thread_holding_the_gil_is_named_and_force_dumps_without_it():
+    proc = started(HOLDS_GIL)
+    try:
+        _, procs = collect(str(proc.pid), timeout=1.5)
+        assert "holds the GIL" in procs[0].error and "--force" in procs[0].error, procs[0].error
+        _, procs = collect(str(proc.pid), timeout=10, force=True)
+        (p,) = procs
+        assert p.error is None, p.error
+        main = [t for t in p.threads if t.role == "main"]
+        assert len(main) == 1 and main[0].frames[-1].func == "<module>", p.threads
+        assert proc.poll() is None
+    finally:
+        kill_session(proc)
 
 
 def test_tp2_idle_by_connection_file_by_mpirun_pid_and_by_rank_pid(tp2):
@@ -197,7 +265,7 @@ def test_tp1_spawned_by_proxy_pid_and_mpirun_pid_mid_stream():
                              stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         started = json.loads(proxy.stdout.readline())
-        for target in (proxy.pid, started["mpirun"]):
+        for target in (proxy.pid, started["mpirun"]) * 3:
             result = stacks(target)
             view = result.stdout
             assert result.returncode == 0, (view, result.stderr)
@@ -207,7 +275,7 @@ def test_tp1_spawned_by_proxy_pid_and_mpirun_pid_mid_stream():
                 assert re.search(rf"^proxy +pid {proxy.pid}: \d+ threads \(.*tpserve-dispatch.*main", view, re.M), view
             else:
                 assert "proxy" not in view, view
-        assert json.loads(proxy.stdout.readline()) == {"tokens": 1500}  # two dumps mid-stream stopped nothing
+        assert json.loads(proxy.stdout.readline()) == {"tokens": 1500}  # six dumps mid-stream stopped nothing
         proxy.stdin.close()
         assert proxy.wait(60) == 0
     finally:

@@ -1,22 +1,25 @@
 """``tpserve stacks TARGET``: every thread's Python stack of a running engine's ranks and its proxy, taken
 without stopping them, merged into one view that says where each rank's loop thread is.
 
-In-process side (``install``, called where a rank or a proxy starts): ``faulthandler`` is registered on
-``DUMP_SIGNAL``. Its handler runs in C, so it answers while Python is blocked in C code (an MPI broadcast,
-a gloo or NCCL collective, a hung call holding the GIL), and it writes with raw ``write(2)`` calls to an fd
-opened once at start-up: the same raw-fd path as the shutdown trace, no lock and no Python on the way. The
-fd is an anonymous in-memory file (``memfd``, name ``tpserve-stacks``): nothing to configure, nothing left
-on disk, readable only by the process's user (through ``/proc/PID/fd``). A proxy also appends ``note``
+In-process side (``install``, called where a rank or a proxy starts): a daemon thread, ``tpserve-stacks``,
+waits on a private pipe; a byte written into it makes that thread take the GIL and write every thread's
+stack with ``faulthandler.dump_traceback`` into an anonymous in-memory file (``memfd``, name
+``tpserve-stacks``) opened once at start-up, then an end line. Holding the GIL is what makes this safe: the
+other threads are parked where they released it (an MPI broadcast, a gloo or NCCL collective, a sleep, a
+graph replay), so their frames stand still. faulthandler's signal handler, which dumps without the GIL,
+walks frames that a running thread is changing and crashed busy processes (SIGSEGV); it stays registered on
+``DUMP_SIGNAL`` only for ``--force``: the one way to see a process whose GIL a hung C call holds, where no
+thread can run Python and the walk is safe. Nothing to configure, nothing left on disk; the command reaches
+both the pipe and the memfd through ``/proc/PID/fd`` (same user or root). A proxy also appends ``note``
 lines there (the connection file it attached to), so its pid leads to its engine.
 
 Command side (``collect`` + ``render``): TARGET is a connection file (rank 0's pid is in it), the pid of a
-proxy, of mpirun (prted) or of a rank. The command finds the processes on this host, checks that each
-catches the signal and has the memfd (a process that does not is never signalled: the signal's default
-action would end it), signals them all at once, reads each new dump, and classifies each rank's loop
-thread: in a collective (which one, called from where), in a graph replay, waiting on the doorbell or on
-rank 0's intake (idle), in the scheduler, the sampler, the forward, publishing, or a debug hook. Ranks
-whose loop threads are at different places are named; a stopped rank (SIGSTOP, a debugger) cannot dump
-and is reported as stopped.
+proxy, of mpirun (prted) or of a rank. The command finds the processes on this host, checks that each has
+the memfd and its pipe (a process that does not is never touched), wakes them all at once, reads each new
+dump, and classifies each rank's loop thread: in a collective (which one, called from where), in a graph
+replay, waiting on the doorbell or on rank 0's intake (idle), in the scheduler, the sampler, the forward,
+publishing, or a debug hook. Ranks whose loop threads are at different places are named; a stopped rank
+(SIGSTOP, a debugger) cannot dump and is reported as stopped, and one whose GIL is held is named as such.
 """
 
 from __future__ import annotations
@@ -38,31 +41,51 @@ NOTE_PREFIX = "# tpserve-stacks "
 WORKER_MODULE = "tpserve.worker"
 
 _lock = threading.Lock()
-_fd: int | None = None
-
-
-# -- in-process: registration -----------------------------------------------------------------------------
+_fd: int | None = None  # the memfd the dumps go to
+_pipe: tuple[int, int] | None = None  # (read end, write end) that wakes the dumping thread
+DUMPER_THREAD = "tpserve-stacks"
+END_KEY = "dump_end"  # a note with this key ends each dump the dumping thread writes
 
 
 def install() -> int | None:
-    """Registers the stack dump on ``DUMP_SIGNAL`` (idempotent); returns the dump fd, or None where it cannot
-    (no memfd and no temporary file, or a platform without the signal). A handler someone else installed
-    first is chained, never replaced; a child after ``fork`` drops the registration (not a tpserve process)."""
-    global _fd
+    """Starts the dumping thread and registers the ``--force`` signal dump (idempotent); returns the dump fd,
+    or None where it cannot (no memfd and no temporary file, no pipe, no threads). A signal handler someone
+    else installed first is chained, never replaced; a child after ``fork`` drops all of it (not a tpserve
+    process)."""
+    global _fd, _pipe
     with _lock:
         if _fd is not None:
             return _fd
         try:
             fd = _open_dump_fd()
+            r, w = os.pipe()  # not inherited across exec
             previous = signal.getsignal(DUMP_SIGNAL)
             faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True,
                                   chain=previous not in (signal.SIG_DFL, None))
+            threading.Thread(target=_serve_dumps, args=(r, fd), name=DUMPER_THREAD, daemon=True).start()
         except (OSError, ValueError, RuntimeError, AttributeError):
             return None
-        _fd = fd
-        _write(fd, NOTE_PREFIX + json.dumps({"pid": os.getpid()}) + "\n")
+        _fd, _pipe = fd, (r, w)
+        _write(fd, NOTE_PREFIX + json.dumps({"pid": os.getpid(), "wake_fd": w, "wake_ino": os.fstat(w).st_ino}) + "\n")
         os.register_at_fork(after_in_child=_forget_in_child)
         return fd
+
+
+def _serve_dumps(r: int, fd: int) -> None:
+    """The dumping thread: one dump, holding the GIL, per wake-up (wake-ups that arrive together share one)."""
+    n = 0
+    while True:
+        try:
+            if not os.read(r, 4096):
+                return
+        except OSError:
+            return
+        n += 1
+        try:
+            faulthandler.dump_traceback(file=fd, all_threads=True)
+        except (OSError, ValueError):
+            pass
+        _write(fd, NOTE_PREFIX + json.dumps({END_KEY: n}) + "\n")
 
 
 def note(**fields: object) -> None:
@@ -90,14 +113,19 @@ def _write(fd: int, text: str) -> None:
 
 
 def _forget_in_child() -> None:
-    global _fd
+    """The child of a fork has no dumping thread: it closes what it inherited and answers nothing."""
+    global _fd, _pipe
     try:
         faulthandler.unregister(DUMP_SIGNAL)
-        if _fd is not None:
-            os.close(_fd)
-    except (OSError, ValueError, RuntimeError):
+    except (ValueError, RuntimeError):
         pass
-    _fd = None
+    for fd in (_fd, *(_pipe or ())):
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _fd, _pipe = None, None
 
 
 # -- the command: finding the processes -----------------------------------------------------------------
@@ -375,8 +403,36 @@ def _dump_complete(text: str) -> bool:
     return bool(m) and m.group(3) in _OUTERMOST
 
 
-def _take_dumps(procs: list[Process], paths: dict[int, str], timeout: float) -> None:
-    """Signals every process at once (a consistent snapshot), then reads what each appended."""
+def _wake(pid: int, notes: dict[str, list[str]]) -> str | None:
+    """Writes one byte into the process's wake pipe, found through /proc (the noted fd, checked against the
+    noted inode so a reused fd number is never written); returns why it could not, or None."""
+    try:
+        wfd, ino = int(notes["wake_fd"][-1]), int(notes["wake_ino"][-1])
+        if os.readlink(f"/proc/{pid}/fd/{wfd}") != f"pipe:[{ino}]":
+            return "its wake pipe is gone"
+        w = os.open(f"/proc/{pid}/fd/{wfd}", os.O_WRONLY | os.O_NONBLOCK)
+    except (KeyError, ValueError, IndexError):
+        return "has no wake pipe (started by an older tpserve?): try --force"
+    except OSError as e:
+        return f"cannot open its wake pipe ({e.strerror})"
+    try:
+        os.write(w, b"\n")
+    except BlockingIOError:
+        pass  # a pipe full of wake-ups: it is already asked
+    except OSError as e:
+        return f"cannot wake it ({e.strerror})"
+    finally:
+        os.close(w)
+    return None
+
+
+def _ended(text: str) -> bool:
+    return any(line.startswith(NOTE_PREFIX) and f'"{END_KEY}"' in line for line in text.splitlines())
+
+
+def _take_dumps(procs: list[Process], paths: dict[int, str], timeout: float, force: bool = False) -> None:
+    """Wakes every process's dumping thread at once (a consistent snapshot), or signals them with ``force``,
+    then reads what each appended."""
     offsets: dict[int, int] = {}
     for p in procs:
         if p.error is None:
@@ -386,10 +442,14 @@ def _take_dumps(procs: list[Process], paths: dict[int, str], timeout: float) -> 
                 p.error = f"cannot read its dump file ({e.strerror})"
     for p in procs:
         if p.pid in offsets:
-            try:
-                os.kill(p.pid, DUMP_SIGNAL)
-            except OSError as e:
-                p.error = f"cannot signal it ({e.strerror})"
+            if force:
+                try:
+                    os.kill(p.pid, DUMP_SIGNAL)
+                except OSError as e:
+                    p.error = f"cannot signal it ({e.strerror})"
+            else:
+                p.error = _wake(p.pid, _notes(p.pid))
+            if p.error is not None:
                 del offsets[p.pid]
     quiet_s = 0.5
     deadline = time.monotonic() + timeout
@@ -408,18 +468,37 @@ def _take_dumps(procs: list[Process], paths: dict[int, str], timeout: float) -> 
             now = time.monotonic()
             if len(text) != seen.get(pid, (-1, 0.0))[0]:
                 seen[pid] = (len(text), now)
-            if text and (_dump_complete(text) or now - seen[pid][1] >= quiet_s):
+            if not force:
+                done = _ended(text)
+            else:  # the signal handler writes no end line
+                done = bool(text) and (_dump_complete(text) or now - seen[pid][1] >= quiet_s)
+            if done:
                 del pending[pid]
         if pending:
             time.sleep(0.02)
     for p in procs:
         if p.pid in offsets:
-            text = "\n".join(x for x in texts.get(p.pid, "").splitlines() if not x.startswith(NOTE_PREFIX))
-            p.threads = parse_dump(text)
+            text = texts.get(p.pid, "")
+            if not force and _ended(text):  # one dump: up to its end line
+                lines = text.splitlines()
+                text = "\n".join(lines[: next(i for i, x in enumerate(lines) if x.startswith(NOTE_PREFIX)
+                                               and f'"{END_KEY}"' in x)])
+            text = "\n".join(x for x in text.splitlines() if not x.startswith(NOTE_PREFIX))
+            p.threads = [t for t in parse_dump(text) if not _is_dumper(t)]
             if not p.threads:
                 p.state = _state(p.pid) or "gone"
-                p.error = (f"no dump within {timeout:g} s" if p.state not in ("T", "t")
-                           else "stopped (SIGSTOP or a debugger): it dumps when continued")
+                if p.state in ("T", "t"):
+                    p.error = "stopped (SIGSTOP or a debugger): it dumps when continued"
+                elif force or p.state == "gone":
+                    p.error = f"no dump within {timeout:g} s ({'gone' if p.state == 'gone' else 'state ' + p.state})"
+                else:
+                    p.error = (f"no dump within {timeout:g} s: its dumping thread got no GIL, so a thread likely "
+                               "holds the GIL (a hung C call?); --force dumps without the GIL (safe only while "
+                               "no thread runs Python)")
+
+
+def _is_dumper(thread: Thread) -> bool:
+    return any(f.func == "_serve_dumps" and f.file.endswith("tpserve/stacks.py") for f in thread.frames)
 
 
 # -- the command: what the stacks say ---------------------------------------------------------------------
@@ -489,8 +568,9 @@ def locate(thread: Thread) -> Location:
     return Location("other", top, f"other {top}")
 
 
-def collect(target: str, timeout: float = 5.0) -> tuple[Target, list[Process]]:
-    """Finds TARGET's processes, dumps them and classifies their threads."""
+def collect(target: str, timeout: float = 5.0, force: bool = False) -> tuple[Target, list[Process]]:
+    """Finds TARGET's processes, dumps them (``force``: by the signal handler, without the GIL) and classifies
+    their threads."""
     found = resolve(target)
     procs: list[Process] = []
     if found.proxy is not None:
@@ -505,14 +585,14 @@ def collect(target: str, timeout: float = 5.0) -> tuple[Target, list[Process]]:
         path = _dump_path(p.pid)
         if not p.state:
             p.error = "gone"
-        elif path is None or not _catches(p.pid, DUMP_SIGNAL):
+        elif path is None or (force and not _catches(p.pid, DUMP_SIGNAL)):
             p.error = ("does not take stack dumps (started by a tpserve without `tpserve stacks`, or its "
                        "signal handler was replaced): not signalled")
         elif p.state in ("T", "t"):
             p.error = "stopped (SIGSTOP or a debugger): cannot dump until continued"
         else:
             paths[p.pid] = path
-    _take_dumps(procs, paths, timeout)
+    _take_dumps(procs, paths, timeout, force)
     for p in procs:
         for i, t in enumerate(p.threads):
             t.role = _role(t, i == len(p.threads) - 1)
@@ -593,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "engine's ranks and proxy, without stopping them, as one view.")
     p.add_argument("target", metavar="TARGET", help="a connection file, or the pid of a proxy, of mpirun or of a rank")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each dump (default 5)")
+    p.add_argument("--force", action="store_true", help="dump by signal, without the GIL: the way to see a process "
+                   "whose GIL a hung C call holds; may crash a process whose threads run Python")
     p.add_argument("--summary", action="store_true", help="the per-rank lines only, without every stack")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
@@ -600,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         print("tpserve stacks: needs Linux (/proc)", file=sys.stderr)
         return 2
     try:
-        found, procs = collect(args.target, args.timeout)
+        found, procs = collect(args.target, args.timeout, args.force)
     except StacksError as e:
         print(f"tpserve stacks: {e}", file=sys.stderr)
         return 2
