@@ -72,3 +72,24 @@ def test_engine_warnings_reach_the_users_stderr(capfd):
         assert llm.info["kv_cache_tokens"] < 256
     err = capfd.readouterr().err
     assert "the KV cache pool holds 64 tokens, fewer than max_seq_len=256" in err, err[-2000:]
+
+
+def test_a_launcher_that_cannot_open_its_pmix_listener_is_launched_once_more(tmp_path, monkeypatch):
+    """Open MPI's mpirun sometimes exits at start-up (code 213) because its PMIx server found no usable
+    interface for its listener ("ptl_tool: problems getting address for index 0", a transient seen in CI).
+    Restricting PMIx to an interface that does not exist makes that failure real and lasting: the proxy
+    launches mpirun a second time, once, and then reports the launcher's own words."""
+    monkeypatch.setenv("TPSERVE_SHUTDOWN_TRACE_DIR", str(tmp_path))
+    monkeypatch.setenv("PMIX_MCA_ptl_tcp_if_include", "tpserve-no-such-if0")
+    start = time.monotonic()
+    with pytest.raises(WorkerStartupError) as err:
+        LLM(model=str(built_model("llama")), tensor_parallel_size=1)
+    assert time.monotonic() - start < 60
+    text = str(err.value)
+    assert "before they were ready" in text and "launched twice" in text, text
+    assert text.count("no available\ninterfaces were found") == 2 or text.count("tool connections") == 2, text
+    assert_no_workers_left()
+    monkeypatch.delenv("TPSERVE_SHUTDOWN_TRACE_DIR")
+    events = trace_view.merge(trace_view.load(tmp_path))
+    relaunches = [e for e in events if e.phase == "mpirun_relaunch"]
+    assert len(relaunches) == 1, [e.phase for e in events]

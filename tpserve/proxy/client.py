@@ -72,8 +72,11 @@ class EngineClient:
                 if self.dead is not None:
                     raise WorkerStartupError(self.dead)
             elif self.workers is not None and self.workers.poll() is not None:
+                if self.workers.relaunch_if_listener_failed():
+                    continue
+                twice = " (mpirun was launched twice)" if self.workers.launches > 1 else ""
                 raise WorkerStartupError(
-                    f"the workers exited with code {self.workers.poll()} before they were ready:\n"
+                    f"the workers exited with code {self.workers.poll()} before they were ready{twice}:\n"
                     + self.workers.log_tail()
                 )
         raise WorkerStartupError(f"the workers were not ready within {timeout:.0f} s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,17 @@ import tempfile
 from pathlib import Path
 
 import psutil
+
+from tpserve.shutdown_trace import trace
+
+# Open MPI 5's mpirun (prterun) always opens a PMIx listener for tools. While it enumerates the host's interfaces
+# one can come back unusable for an instant ("ptl_tool: problems getting address for index 0 (kernel index -1)"),
+# and mpirun exits with code 213 before any rank runs: seen in about one full test run in five on CI machines.
+# Such a start is launched once more.
+LAUNCHER_LISTENER_FAILED = re.compile(
+    r"PMIx server's listener thread failed to start|problems getting address for index"
+    r"|support for tool connections, but no available interfaces"
+)
 
 
 def mpi_environment(tp: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -58,13 +70,35 @@ class WorkerProcess:
     def __init__(self, tp: int, worker_args: list[str], env: dict[str, str], mpirun_args: list[str]) -> None:
         self.log_dir = tempfile.mkdtemp(prefix="tpserve-")
         self.log_path = os.path.join(self.log_dir, "workers.log")
-        cmd = [mpirun_path(), "-n", str(tp), *mpirun_args, sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
-               *worker_args]
-        with open(self.log_path, "wb") as log:
+        self.cmd = [mpirun_path(), "-n", str(tp), *mpirun_args, sys.executable, "-m", "mpi4py", "-m",
+                    "tpserve.worker", *worker_args]
+        self.env = env
+        self.launches = 0
+        self._launch()
+
+    def _launch(self) -> None:
+        with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True
             )
         self.pid = self.popen.pid
+        self.launches += 1
+
+    def relaunch_if_listener_failed(self) -> bool:
+        """Launches mpirun once more (returns True) when the first one exited because its PMIx listener
+        could not start (``LAUNCHER_LISTENER_FAILED``, in its log with the line breaks flattened); any other exit,
+        or a second one, is the caller's."""
+        code = self.poll()
+        if code is None or self.launches > 1 or not LAUNCHER_LISTENER_FAILED.search(" ".join(self.log_tail().split())):
+            return False
+        self.stop()  # reaps whatever of the first launch's session is left
+        with open(self.log_path, "ab") as log:
+            log.write(f"tpserve: mpirun exited with code {code}: its PMIx listener did not start; launching it "
+                      "once more\n".encode())
+        trace("proxy", "mpirun_relaunch", code=code)
+        self._launch()
+        return True
 
     def poll(self) -> int | None:
         return self.popen.poll()
