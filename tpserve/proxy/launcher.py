@@ -17,7 +17,7 @@ from tpserve.shutdown_trace import trace
 
 # Open MPI 5's mpirun (prterun) always opens a PMIx listener for tools. While it enumerates the host's interfaces
 # one can come back unusable for an instant ("ptl_tool: problems getting address for index 0 (kernel index -1)"),
-# and mpirun exits with code 213 before any rank runs: seen in about one full test run in five on CI machines.
+# and mpirun exits with code 213 before any rank runs (once in five full test runs here).
 # Such a start is launched once more.
 LAUNCHER_LISTENER_FAILED = re.compile(
     r"PMIx server's listener thread failed to start|problems getting address for index"
