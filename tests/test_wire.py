@@ -449,3 +449,38 @@ def test_the_fast_envelope_reader_agrees_with_the_general_one():
                         taken += 1
                         assert fast == wire._read_envelope(cut), cut
     assert taken > 1000
+
+
+def test_a_hello_is_answered_once_however_it_meets_the_engine_becoming_ready():
+    """READY answers each Hello once. The engine can become ready (``_set_answer``, the main thread) between
+    the intake opening a session for a Hello and handling it; that interleaving is forced here, and it sent
+    READY twice (seen once in a loaded CI run). A Hello handled before READY exists is answered when it does."""
+    from test_wire_fuzz import WireClient
+
+    from tpserve.worker.rank0_io import Rank0IO
+
+    ready = wire.Ready({"x": 1})
+
+    class ReadyBetweenOpenAndHandle(Rank0IO):
+        def _handle(self, s, frame):
+            if isinstance(frame.msg, wire.Hello) and self.answer is None:
+                self._set_answer(ready)
+            super()._handle(s, frame)
+
+    for cls, ready_later in ((ReadyBetweenOpenAndHandle, False), (Rank0IO, True)):
+        io = cls(wire.ConnectionInfo("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", wire.new_key()), bind=True,
+                 heartbeat_timeout=60)
+        client = WireClient(io.conn)
+        try:
+            client.send("hello", {"proxy_pid": os.getpid()}, "hello")
+            if ready_later:
+                wait_for(lambda io=io: io.session is not None, 10)
+                client.pump(0.3)
+                assert client.other == []  # nothing to answer with yet
+                io.send(ready)
+            client.wait(lambda c=client: bool(c.other), 10)
+            client.pump(0.5)
+            assert client.other == [ready], (cls.__name__, client.other)
+        finally:
+            client.close()
+            io.close(timeout=2)

@@ -64,7 +64,7 @@ class Session:
     last_heard: float
     inbound: wire.SeqCheck = field(default_factory=wire.SeqCheck)
     sent: int = 0  # sequence number of the last frame sent to it
-    answered: bool = False  # got READY (or the start-up error)
+    waiting: bool = False  # its Hello came before READY (or the start-up error) existed: answered when it does
     silent: bool = False  # traced as silent while its pidfd says it lives (reset when it is heard again)
 
 
@@ -200,8 +200,8 @@ class Rank0IO:
         with self.lock:
             self.answer = msg
             s = self.session
-            if s is not None and not s.answered:
-                s.answered = True
+            if s is not None and s.waiting:  # a Hello not handled yet is answered by its own handling
+                s.waiting = False
                 self._enqueue(s.nonce, self._with_stats(msg))
                 self.answered.set()
 
@@ -346,9 +346,9 @@ class Rank0IO:
             if frame.request_id is not None:
                 self._reply_error(s, frame.request_id, frame.error)
         elif isinstance(msg, wire.Hello):
-            with self.lock:
+            with self.lock:  # each Hello is answered once: here, or by ``_set_answer`` when READY comes
                 answer = self.answer
-                s.answered = s.answered or answer is not None
+                s.waiting = answer is None
             if answer is not None:
                 self._enqueue(s.nonce, self._with_stats(answer))
                 self.answered.set()
