@@ -1,4 +1,10 @@
-"""Errors the public API raises."""
+"""Errors the public API raises, and how a rank's error that only echoes a lost peer is told apart."""
+
+import re
+
+# A rank's error that is only the echo of another rank's death (its collective broke): the proxy looks past it for
+# the rank that died, and a rank that fails with it first gives mpirun a moment to notice that death.
+PEER_LOSS = re.compile(r"gloo|nccl|connection (reset|closed)|by peer", re.IGNORECASE)
 
 
 class WorkerStartupError(RuntimeError):

@@ -11,7 +11,7 @@ import time
 import zmq
 
 from tpserve import hop_trace, wire
-from tpserve.errors import EngineBusyError, EngineDeadError, WorkerStartupError
+from tpserve.errors import PEER_LOSS, EngineBusyError, EngineDeadError, WorkerStartupError
 from tpserve.proxy.launcher import WorkerProcess
 from tpserve.proxy.streams import RequestStream
 from tpserve.shutdown_trace import trace
@@ -285,7 +285,6 @@ RANK_DIED = re.compile(
     r"|process rank (\d+) with PID (\d+) on node (\S+) exited on\s+signal (\d+)"
 )
 RANK_FAILED = re.compile(r"tpserve worker rank (\d+): (.+)")
-PEER_LOSS = re.compile(r"gloo|nccl|connection (reset|closed)|by peer", re.IGNORECASE)
 
 
 def describe_exit(code: int, log_tail: str) -> str:

@@ -11,18 +11,22 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from mpi4py import MPI
 
 from tpserve import stacks, wire
 from tpserve.engine_args import EngineArgs
+from tpserve.errors import PEER_LOSS
 from tpserve.executor.engine import StartupFailed, build_engine
 from tpserve.executor.engine import stage as _stage
 from tpserve.model_path import resolve_model
 from tpserve.shutdown_trace import trace
 from tpserve.worker.publisher import Publisher
 from tpserve.worker.teardown import teardown
+
+PEER_LOSS_GRACE_S = 2.0  # how long a rank that lost a peer waits for mpirun to report that peer's death
 
 
 def parse_args(argv: list[str] | None) -> tuple[EngineArgs, argparse.Namespace]:
@@ -187,6 +191,11 @@ def _serve(executor, info: dict, io, comm: MPI.Comm, conn_file: str | None) -> i
             io.send(wire.EngineDead(msg, rank))
             io.close(timeout=1.0)
         print(f"tpserve worker {msg}", file=sys.stderr, flush=True)
+        if comm.Get_size() > 1 and PEER_LOSS.search(msg):
+            # Most likely a peer died and broke the collective. mpirun names the rank that died, and how, only
+            # if it notices that death before this rank's MPI_Abort: give it a moment (it ends this rank then).
+            trace("worker", "peer_loss_grace", seconds=PEER_LOSS_GRACE_S)
+            time.sleep(PEER_LOSS_GRACE_S)
         trace("worker", "exit", code=1, how="MPI_Abort")
         comm.Abort(1)  # the other ranks are blocked in a collective: end them all
     teardown(executor, io, comm)
