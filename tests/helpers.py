@@ -60,15 +60,22 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
 
 def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs ``cmd`` in its own session; on timeout kills every process of that session (Open MPI 5 gives each
-    rank a process group of its own, so killing mpirun's group would orphan the ranks)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_session(proc)
-        out, _ = proc.communicate(timeout=30)
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-6000:]}") from None
+    rank a process group of its own, so killing mpirun's group would orphan the ranks). An mpirun whose PMIx
+    listener did not start (Open MPI's transient, see ``LAUNCHER_LISTENER_FAILED``) is run once more, as the
+    proxy does."""
+    from tpserve.proxy.launcher import LAUNCHER_LISTENER_FAILED
+
+    for attempt in range(2):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_session(proc)
+            out, _ = proc.communicate(timeout=30)
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-6000:]}") from None
+        if proc.returncode == 0 or attempt or not LAUNCHER_LISTENER_FAILED.search(" ".join(out.split())):
+            break
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
