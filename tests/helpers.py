@@ -79,6 +79,22 @@ def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
+def launch_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """mpirun (or a wrapper of it) in a session of its own, its output appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def listener_failed(popen: subprocess.Popen, log_path: Path) -> bool:
+    """mpirun exited because its PMIx listener did not start (Open MPI's transient, ``LAUNCHER_LISTENER_FAILED``):
+    the test engines launch it once more, as the proxy does."""
+    from tpserve.proxy.launcher import LAUNCHER_LISTENER_FAILED
+
+    if popen.poll() is None:
+        return False
+    return bool(LAUNCHER_LISTENER_FAILED.search(" ".join(Path(log_path).read_text(errors="replace").split())))
+
+
 def run_mpi_pytest(n: int, target: str, timeout: float = 300) -> None:
     """Runs a tests/mpi module on ``n`` ranks under pytest-mpi; one rank's failure aborts them all."""
     cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "pytest",

@@ -5,13 +5,12 @@ an attach fast and a new engine's start."""
 import os
 import signal
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, built_model, hf_greedy, kill_session
+from helpers import built_model, hf_greedy, kill_session, launch_logged, listener_failed
 
 from tpserve import LLM, SamplingParams, WorkerStartupError, wire
 from tpserve.proxy.launcher import mpi_environment, mpirun_path
@@ -26,9 +25,9 @@ class Workers:
                     "--model", str(built_model("qwen3")), "--max-seq-len", "64", "--connection-file", str(conn),
                     *worker_args]
         self.log_path = tmp_path / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(self.cmd, cwd=ROOT, env=mpi_environment(n), stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.env = mpi_environment(n)
+        self.popen = launch_logged(self.cmd, self.env, self.log_path)
+        self.relaunched = False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -36,6 +35,8 @@ class Workers:
     def wait_for(self, conn: Path, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not conn.exists():
+            if not self.relaunched and listener_failed(self.popen, self.log_path):
+                self.relaunched, self.popen = True, launch_logged(self.cmd, self.env, self.log_path)
             assert self.popen.poll() is None, self.log()
             assert time.monotonic() < deadline, "no connection file"
             time.sleep(0.1)

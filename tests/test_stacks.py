@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import ROOT, built_model, kill_session
+from helpers import ROOT, built_model, kill_session, launch_logged, listener_failed
 
 from tpserve import LLM, SamplingParams
 from tpserve.proxy.launcher import mpi_environment, mpirun_path
@@ -114,11 +114,13 @@ class AttachedEngine:
                "tpserve.worker", "--model", str(built_model("llama")), "--max-seq-len", "2100",
                "--connection-file", str(self.conn)]
         self.log = tmp / "workers.log"
-        with open(self.log, "wb") as log:
-            self.popen = subprocess.Popen(cmd, cwd=ROOT, env={**mpi_environment(n), **env}, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**mpi_environment(n), **env}
+        self.popen = launch_logged(cmd, env, self.log)
+        relaunched = False
         deadline = time.monotonic() + 120
         while not self.conn.exists():
+            if not relaunched and listener_failed(self.popen, self.log):
+                relaunched, self.popen = True, launch_logged(cmd, env, self.log)
             assert self.popen.poll() is None, self.log.read_text(errors="replace")
             assert time.monotonic() < deadline, "no connection file"
             time.sleep(0.1)

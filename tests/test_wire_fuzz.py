@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-from helpers import ROOT, built_model, kill_session
+from helpers import built_model, kill_session, launch_logged, listener_failed
 
 from tpserve import LLM, EngineBusyError, SamplingParams, wire
 from tpserve.proxy.launcher import mpi_environment, mpirun_path
@@ -173,13 +172,12 @@ class Engine:
     def __init__(self, tmp_path: Path, **env: str) -> None:
         self.conn_path = tmp_path / "engine.json"
         self.log_path = tmp_path / "workers.log"
-        cmd = [mpirun_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
-               "--model", str(built_model("llama")), "--max-seq-len", "2100", "--connection-file", str(self.conn_path),
-               "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)]
-        env = mpi_environment(1) | {"TPSERVE_SHUTDOWN_TRACE_DIR": str(tmp_path / "trace")} | env
-        with open(self.log_path, "wb") as log:
-            self.popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+        self.cmd = [mpirun_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-m", "tpserve.worker",
+                    "--model", str(built_model("llama")), "--max-seq-len", "2100", "--connection-file",
+                    str(self.conn_path), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)]
+        self.env = mpi_environment(1) | {"TPSERVE_SHUTDOWN_TRACE_DIR": str(tmp_path / "trace")} | env
+        self.popen = launch_logged(self.cmd, self.env, self.log_path)
+        self.relaunched = False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -190,6 +188,8 @@ class Engine:
     def connection(self) -> wire.ConnectionInfo:
         deadline = time.monotonic() + 120
         while not self.conn_path.exists():
+            if not self.relaunched and listener_failed(self.popen, self.log_path):
+                self.relaunched, self.popen = True, launch_logged(self.cmd, self.env, self.log_path)
             assert self.popen.poll() is None, self.log()
             assert time.monotonic() < deadline, "no connection file"
             time.sleep(0.1)
