@@ -61,9 +61,9 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
 def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs ``cmd`` in its own session; on timeout kills every process of that session (Open MPI 5 gives each
     rank a process group of its own, so killing mpirun's group would orphan the ranks). An mpirun whose PMIx
-    listener did not start (Open MPI's transient, see ``LAUNCHER_LISTENER_FAILED``) is run once more, as the
+    listener did not start (Open MPI's transient, see ``launcher.listener_failed``) is run once more, as the
     proxy does."""
-    from tpserve.proxy.launcher import LAUNCHER_LISTENER_FAILED
+    from tpserve.proxy import launcher
 
     for attempt in range(2):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -74,7 +74,7 @@ def run_group(cmd: list[str], timeout: float, env: dict[str, str] | None = None)
             kill_session(proc)
             out, _ = proc.communicate(timeout=30)
             raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-6000:]}") from None
-        if proc.returncode == 0 or attempt or not LAUNCHER_LISTENER_FAILED.search(" ".join(out.split())):
+        if proc.returncode == 0 or attempt or not launcher.listener_failed(out):
             break
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
@@ -86,13 +86,11 @@ def launch_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> subpro
 
 
 def listener_failed(popen: subprocess.Popen, log_path: Path) -> bool:
-    """mpirun exited because its PMIx listener did not start (Open MPI's transient, ``LAUNCHER_LISTENER_FAILED``):
+    """mpirun exited because its PMIx listener did not start (Open MPI's transient, ``launcher.listener_failed``):
     the test engines launch it once more, as the proxy does."""
-    from tpserve.proxy.launcher import LAUNCHER_LISTENER_FAILED
+    from tpserve.proxy import launcher
 
-    if popen.poll() is None:
-        return False
-    return bool(LAUNCHER_LISTENER_FAILED.search(" ".join(Path(log_path).read_text(errors="replace").split())))
+    return popen.poll() is not None and launcher.listener_failed(Path(log_path).read_text(errors="replace"))
 
 
 def run_mpi_pytest(n: int, target: str, timeout: float = 300) -> None:

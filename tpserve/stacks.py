@@ -426,8 +426,13 @@ def _wake(pid: int, notes: dict[str, list[str]]) -> str | None:
     return None
 
 
+def _is_end(line: str) -> bool:
+    """The note the dumping thread writes after each dump."""
+    return line.startswith(NOTE_PREFIX) and f'"{END_KEY}"' in line
+
+
 def _ended(text: str) -> bool:
-    return any(line.startswith(NOTE_PREFIX) and f'"{END_KEY}"' in line for line in text.splitlines())
+    return any(_is_end(line) for line in text.splitlines())
 
 
 def _take_dumps(procs: list[Process], paths: dict[int, str], timeout: float, force: bool = False) -> None:
@@ -481,8 +486,7 @@ def _take_dumps(procs: list[Process], paths: dict[int, str], timeout: float, for
             text = texts.get(p.pid, "")
             if not force and _ended(text):  # one dump: up to its end line
                 lines = text.splitlines()
-                text = "\n".join(lines[: next(i for i, x in enumerate(lines) if x.startswith(NOTE_PREFIX)
-                                               and f'"{END_KEY}"' in x)])
+                text = "\n".join(lines[: next(i for i, x in enumerate(lines) if _is_end(x))])
             text = "\n".join(x for x in text.splitlines() if not x.startswith(NOTE_PREFIX))
             p.threads = [t for t in parse_dump(text) if not _is_dumper(t)]
             if not p.threads:

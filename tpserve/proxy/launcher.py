@@ -25,6 +25,12 @@ LAUNCHER_LISTENER_FAILED = re.compile(
 )
 
 
+def listener_failed(log: str) -> bool:
+    """An mpirun log that says its PMIx listener did not start (``LAUNCHER_LISTENER_FAILED``; Open MPI wraps its
+    messages across lines, so they are matched with the line breaks flattened)."""
+    return bool(LAUNCHER_LISTENER_FAILED.search(" ".join(log.split())))
+
+
 def mpi_environment(tp: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for mpirun: root allowed, oversubscription (CI has 2 cores for 3 ranks), no ofi
     btl (it stalls every start by a second), one OpenMP thread pool share per rank."""
@@ -87,10 +93,9 @@ class WorkerProcess:
 
     def relaunch_if_listener_failed(self) -> bool:
         """Launches mpirun once more (returns True) when the first one exited because its PMIx listener
-        could not start (``LAUNCHER_LISTENER_FAILED``, in its log with the line breaks flattened); any other exit,
-        or a second one, is the caller's."""
+        could not start (``listener_failed``); any other exit, or a second one, is the caller's."""
         code = self.poll()
-        if code is None or self.launches > 1 or not LAUNCHER_LISTENER_FAILED.search(" ".join(self.log_tail().split())):
+        if code is None or self.launches > 1 or not listener_failed(self.log_tail()):
             return False
         self.stop()  # reaps whatever of the first launch's session is left
         with open(self.log_path, "ab") as log:
